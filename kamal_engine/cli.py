@@ -1,0 +1,260 @@
+"""The ``kamal`` command line (DESIGN "Command line").
+
+Human tables on stdout by default, ``--json`` for machines; progress goes to stderr. Bad input
+ends with a non-zero exit code and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import KamalError
+
+EXIT_BAD_INPUT = 2
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A plain-text table; columns whose index is in ``right`` are right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(int(n))
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- teacher loading options shared by inspect and eval -------------------------------------------
+
+def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", help="architecture of a foreign checkpoint (default: detected from the weights)")
+    p.add_argument("--labels", metavar="FILE", help="labels file for a foreign checkpoint, one label per line "
+                   "(default: <name>.labels.txt, <name>.txt or labels.txt beside it)")
+    p.add_argument("--task", choices=("multilabel", "multiclass"),
+                   help="task type of a foreign checkpoint (default: multiclass, the torchvision convention)")
+    p.add_argument("--input-size", type=int, metavar="N", help="input size in pixels (overrides the file's)")
+    p.add_argument("--trust", action="store_true",
+                   help="allow a file holding pickled Python objects (a whole nn.Module); only for files you trust")
+
+
+def _load_teacher(args, path: str, require_labels: bool = True):
+    from .teacher import load_teacher
+
+    return load_teacher(path, arch=args.arch,
+                        labels_file=args.labels, task=args.task, input_size=args.input_size, trust=args.trust,
+                        require_labels=require_labels)
+
+
+# --- kamal inspect -------------------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    from .backbones import GRANULARITIES
+    from .profile import count_flops, count_parameters
+
+    teacher = _load_teacher(args, args.checkpoint, require_labels=False)
+    size = teacher.preprocessing.input_size
+    blocks = {}
+    for granularity in GRANULARITIES:
+        net = teacher.blocks(granularity)
+        blocks[granularity] = [{"name": n, "output_shape": list(s)}
+                               for n, s in zip(net.block_names, net.output_shapes(size))]
+    info = {
+        "file": str(teacher.source),
+        "format": teacher.source_format,
+        "name": teacher.name,
+        "arch": teacher.arch,
+        "arch_kwargs": teacher.arch_kwargs,
+        "task": teacher.task,
+        "task_assumed": teacher.task_assumed,
+        "labels": teacher.labels,
+        "labels_source": teacher.labels_source,
+        "preprocessing": teacher.preprocessing.to_dict(),
+        "parameters": count_parameters(teacher.model),
+        "flops": count_flops(teacher.model, size),
+        "blocks": blocks,
+    }
+    if args.json:
+        _print_json(info)
+        return 0
+    shown = ", ".join(teacher.labels[:20]) + (f", … ({len(teacher.labels) - 20} more)" if len(teacher.labels) > 20 else "")
+    task = teacher.task + ("  (assumed: the file does not say; set it with --task)" if teacher.task_assumed else "")
+    kwargs = f"  {teacher.arch_kwargs}" if teacher.arch_kwargs else ""
+    pre = teacher.preprocessing
+    print(format_table(["field", "value"], [
+        ["file", f"{teacher.source}  ({teacher.source_format})"],
+        ["architecture", teacher.arch + kwargs],
+        ["task type", task],
+        ["labels", f"{len(teacher.labels)} ({teacher.labels_source}): {shown}"],
+        ["input", f"{pre.input_size[0]}x{pre.input_size[1]}, mean {list(pre.mean)}, std {list(pre.std)}"],
+        ["parameters", f"{info['parameters']:,}"],
+        ["FLOPs", f"{_si(info['flops'])} per image at {size[0]}x{size[1]} (multiply-add = 2)"],
+    ]))
+    for granularity in GRANULARITIES:
+        rows = [[i, b["name"], " x ".join(map(str, b["output_shape"]))] for i, b in enumerate(blocks[granularity], 1)]
+        print(f"\nBlocks at '{granularity}' granularity: {len(rows)}")
+        print(format_table(["#", "block", "output C x H x W"], rows, right=(0,)))
+    return 0
+
+
+# --- kamal eval ----------------------------------------------------------------------------------
+
+def _print_evaluation(evaluation, title: str) -> None:
+    if evaluation.task == "multilabel":
+        rows = [[label, _fmt(ap)] for label, ap in evaluation.ap.items()] + [["mAP", _fmt(evaluation.mean_ap)]]
+        print(title)
+        print(format_table(["label", "AP"], rows, right=(1,)))
+        if evaluation.not_evaluated:
+            print(f"(not in the data, not evaluated: {', '.join(evaluation.not_evaluated)})")
+    else:
+        print(f"{title}\ntop-1 accuracy  {_fmt(evaluation.accuracy)}  on {evaluation.n_images} images")
+
+
+def cmd_eval(args) -> int:
+    from .data import read_labelled
+    from .devices import resolve_device
+    from .evaluation import evaluate_teacher
+
+    teacher = _load_teacher(args, args.model)
+    data = read_labelled(args.data)
+    device = resolve_device(args.device)
+    progress = None if args.json or not sys.stderr.isatty() else (
+        lambda done, total: print(f"\r  evaluating {done}/{total} images", end="", file=sys.stderr, flush=True))
+    evaluation = evaluate_teacher(teacher, data, batch_size=args.batch_size, device=device, progress=progress)
+    if progress:
+        print(file=sys.stderr)
+    if args.json:
+        _print_json({"model": str(teacher.source), "data": str(data.source), **evaluation.to_dict()})
+    else:
+        _print_evaluation(evaluation, f"{teacher.name} ({teacher.arch}, {teacher.task}) on {data.source} "
+                                      f"({evaluation.n_images} images)")
+    return 0
+
+
+# --- kamal demo ----------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from . import demo
+    from .devices import resolve_device
+
+    root = Path(args.dir)
+    config = demo.DemoConfig.quick() if args.quick else demo.DemoConfig()
+    device = resolve_device(args.device)
+    if root.exists() and not root.is_dir():
+        raise KamalError("exists and is not a folder; choose another place for the demo workspace", root)
+    started = time.monotonic()
+    if demo.is_complete(root) and not args.force:
+        _log(f"The demo workspace in {root} is already built (--force rebuilds it); evaluating its teachers …")
+        manifest = json.loads((root / demo.MANIFEST).read_text())
+        results = demo.evaluate_demo_teachers(root, config, device)
+        manifest["teachers"] = [{"name": t.name, "file": str(t.source.relative_to(root)), "labels": t.labels,
+                                 "validation": ev.to_dict()} for t, ev in results]
+    else:
+        for part in ("data", "teachers", "recipes", demo.MANIFEST):  # only what the builder itself writes
+            target = root / part
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        manifest = demo.build_demo(root, config, device, log=_log)
+    if args.json:
+        _print_json({"workspace": str(root), **manifest})
+        return 0
+    teachers = manifest["teachers"]
+    print(f"\nDemo workspace: {root}  ({time.monotonic() - started:.0f} s)")
+    print(format_table(["teacher", "file", "labels", "validation mAP"],
+                       [[t["name"], t["file"], ", ".join(t["labels"]), _fmt(t["validation"]["mean_ap"])]
+                        for t in teachers], right=(3,)))
+    print()
+    labels = [label for t in teachers for label in t["labels"]]
+    rows = [[t["name"]] + [_fmt(t["validation"]["ap"].get(label), 3) if label in t["labels"] else "" for label in labels]
+            for t in teachers]
+    print("Per-label AP on the validation split:")
+    print(format_table(["teacher"] + labels, rows, right=tuple(range(1, len(labels) + 1))))
+    print(f"\nRecipes: {', '.join(manifest['recipes'])}")
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kamal", description="KAmal Studio: amalgamate pre-trained teacher CNNs "
+                                     "into one customised multi-task student.")
+    parser.add_argument("--version", action="version", version=f"kamal {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="build the demo workspace (digit mosaics, two teachers, recipes)",
+                       description="Build the demo workspace in DIR: real MNIST digits composed into multi-label "
+                       "mosaics, two teachers trained on digits 0-4 and 5-9, and a recipe per mode. Prints each "
+                       "teacher's per-label AP and mAP on the validation split. An already built workspace is "
+                       "only re-evaluated.")
+    p.add_argument("dir", help="folder for the workspace (created if missing)")
+    p.add_argument("--force", action="store_true", help="rebuild even if DIR already holds a built workspace")
+    p.add_argument("--quick", action="store_true", help="a tiny workspace in seconds (weaker teachers), for trying commands")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu, repeatable)")
+    p.add_argument("--json", action="store_true", help="print the workspace manifest as JSON")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("inspect", help="show a checkpoint's architecture, labels, blocks, parameters and FLOPs",
+                       description="Load a teacher checkpoint (native bundle, .safetensors, or a foreign "
+                       "state_dict) and show its architecture, task type, labels, preprocessing, parameter and "
+                       "FLOP counts, and its blocks with output shapes at both granularities.")
+    p.add_argument("checkpoint", help="checkpoint file (.pt, .pth, .safetensors)")
+    _add_checkpoint_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("eval", help="evaluate a model on a labelled set (AP/mAP or top-1 accuracy)",
+                       description="Evaluate MODEL on labelled data: a CSV (image column + one 0/1 column per "
+                       "label) gives per-label AP and mAP for a multi-label model; a folder of class folders "
+                       "gives top-1 accuracy for a multi-class model. Labels are matched by name.")
+    p.add_argument("model", help="teacher checkpoint file")
+    p.add_argument("--data", required=True, metavar="CSV|DIR", help="labelled CSV or class-folder tree")
+    _add_checkpoint_options(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KamalError as exc:
+        print(f"kamal: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("kamal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

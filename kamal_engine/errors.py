@@ -1,0 +1,30 @@
+"""Errors a user sees.
+
+Every error raised for bad input is a :class:`KamalError` whose message is a sentence: what went
+wrong, with which file, and what to do. The CLI prints the message on one line and exits non-zero;
+the app shows it in a dialog.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class KamalError(Exception):
+    """A problem with the user's input (files, options), explained in the message."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class CheckpointError(KamalError):
+    """A checkpoint file cannot be used as a teacher (or student)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds pickled Python objects and the caller did not say it trusts the file."""
+
+
+class DataError(KamalError):
+    """An image folder, image file or label file cannot be used."""

@@ -1,0 +1,85 @@
+"""Evaluating a classifier on a labelled set: AP per label and mAP, or top-1 accuracy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .data import LabelledSet, batches
+from .errors import DataError
+from .metrics import mean_ap, per_label_ap, top1_accuracy
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, 3, H, W) -> probabilities (N, L)
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`. ``ap``/``mean_ap`` for multi-label, ``accuracy`` for multi-class."""
+
+    task: str
+    n_images: int
+    ap: dict[str, float] = field(default_factory=dict)
+    mean_ap: float = math.nan
+    accuracy: float = math.nan
+    not_evaluated: list[str] = field(default_factory=list)  # model labels the data has no column for
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            return None if isinstance(v, float) and math.isnan(v) else v
+        d = asdict(self)
+        d["ap"] = {k: clean(v) for k, v in self.ap.items()}
+        d["mean_ap"], d["accuracy"] = clean(self.mean_ap), clean(self.accuracy)
+        return d
+
+
+def predict_all(predict: Predictor, data: LabelledSet, input_size: Sequence[int], batch_size: int = 64,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Probabilities for every image of ``data``, ``(N, L)``."""
+    out = []
+    for start, images in batches(data.paths, input_size, batch_size):
+        out.append(predict(images).float().cpu().numpy())
+        if progress:
+            progress(start + len(images), len(data))
+    return np.concatenate(out)
+
+
+def evaluate(predict: Predictor, labels: Sequence[str], task: str, input_size: Sequence[int], data: LabelledSet,
+             batch_size: int = 64, progress: Callable[[int, int], None] | None = None) -> Evaluation:
+    """Evaluate a model with outputs ``labels`` on ``data``, matching labels by name."""
+    labels = list(labels)
+    if task == "multilabel":
+        if data.task != "multilabel":
+            raise DataError("is a multi-class folder set, but the model is multi-label: give a CSV with one 0/1 "
+                            "column per label", data.source)
+        common = [label for label in labels if label in data.labels]
+        if not common:
+            raise DataError(f"has none of the model's labels as a column (model: {', '.join(labels[:8])}; "
+                            f"CSV: {', '.join(data.labels[:8])})", data.source)
+        scores = predict_all(predict, data, input_size, batch_size, progress)
+        model_cols = [labels.index(label) for label in common]
+        data_cols = [data.labels.index(label) for label in common]
+        ap = per_label_ap(scores[:, model_cols], data.targets[:, data_cols], common)
+        return Evaluation(task, len(data), ap=ap, mean_ap=mean_ap(ap),
+                          not_evaluated=[label for label in labels if label not in common])
+    if data.task != "multiclass":
+        raise DataError("is a multi-label CSV, but the model is multi-class: give a folder with one sub-folder "
+                        "per class", data.source)
+    unknown = [c for c in data.labels if c not in labels]
+    if unknown:
+        raise DataError(f"has class folders the model does not predict: {', '.join(unknown[:8])} "
+                        f"(model classes: {', '.join(labels[:8])}{'…' if len(labels) > 8 else ''})", data.source)
+    scores = predict_all(predict, data, input_size, batch_size, progress)
+    targets = np.asarray([labels.index(data.labels[t]) for t in data.targets])
+    return Evaluation(task, len(data), accuracy=top1_accuracy(scores, targets),
+                      not_evaluated=[label for label in labels if label not in data.labels])
+
+
+def evaluate_teacher(teacher, data: LabelledSet, batch_size: int = 64, device: torch.device | str = "cpu",
+                     progress: Callable[[int, int], None] | None = None) -> Evaluation:
+    teacher.model.to(device)
+    return evaluate(teacher.predict, teacher.labels, teacher.task, teacher.preprocessing.input_size, data,
+                    batch_size, progress)
