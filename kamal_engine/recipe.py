@@ -1,0 +1,309 @@
+"""Recipes: one TOML file holds everything a run needs (DESIGN "Recipe").
+
+``kamal run recipe.toml`` reproduces what the GUI did. Sections: ``[run]``, ``[[teachers]]``,
+``[student]``, ``[data]``, ``[method]`` and ``[export]``. Paths are relative to the recipe file.
+Unknown keys and bad values are :class:`RecipeError`s that name the key, the file and its line.
+Method hyper-parameters are checked against the method's declared parameters by the method
+registry, with the same kind of message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import KamalError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+PRECISIONS = ("auto", "fp32", "bf16")
+MODES = ("data", "data-free")
+INITS = ("teacher", "random")
+
+
+class RecipeError(KamalError):
+    """A recipe file cannot be run as written."""
+
+
+class _Lines:
+    """Finds the line of ``key`` in table ``[section]`` (or the n-th ``[[section]]``) of a TOML text."""
+
+    HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-]+)\s*\]\]?\s*(#.*)?$")
+    KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+
+    def __init__(self, text: str):
+        self.lines: dict[tuple[str, int, str], int] = {}
+        self.headers: dict[tuple[str, int], int] = {}
+        counts: dict[str, int] = {}
+        section, index = "", 0
+        for number, line in enumerate(text.splitlines(), 1):
+            header = self.HEADER.match(line)
+            if header:
+                section = header.group(2)
+                index = counts.get(section, -1) + 1 if header.group(1) == "[[" else 0
+                counts[section] = index
+                self.headers[(section, index)] = number
+                continue
+            key = self.KEY.match(line)
+            if key:
+                self.lines.setdefault((section, index, key.group(1).strip('"')), number)
+
+    def of(self, section: str, index: int, key: str | None) -> int | None:
+        if key is None:
+            return self.headers.get((section, index))
+        return self.lines.get((section, index, key)) or self.headers.get((section, index))
+
+
+@dataclass
+class TeacherEntry:
+    checkpoint: Path
+    select: list[str] | None = None  # None: every label of the teacher
+    name: str | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    labels_file: Path | None = None
+    labels: list[str] | None = None
+    task: str | None = None
+    input_size: int | list[int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    trust: bool = False
+
+    def load(self):
+        """The :class:`~kamal_engine.teacher.Teacher` this entry describes."""
+        from .teacher import load_teacher
+
+        return load_teacher(self.checkpoint, arch=self.arch, arch_kwargs=self.arch_kwargs or None,
+                            labels=self.labels, labels_file=self.labels_file, task=self.task,
+                            input_size=self.input_size, mean=self.mean, std=self.std, name=self.name,
+                            trust=self.trust)
+
+
+@dataclass
+class Recipe:
+    path: Path | None
+    # [run]
+    name: str = "run"
+    output_dir: Path = Path("runs/run")
+    device: str = "auto"
+    seed: int = 0
+    precision: str = "auto"
+    # [[teachers]]
+    teachers: list[TeacherEntry] = field(default_factory=list)
+    # [student]
+    student_arch: str | None = None  # None: the architecture of the teacher it is initialised from
+    student_arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    student_init: str = "teacher"
+    student_teacher: int = 1  # 1-based index of the teacher to initialise from
+    # [data]
+    mode: str = "data"
+    unlabeled: Path | None = None
+    validation: Path | None = None
+    image_size: int | None = None
+    # [method]
+    method: str = "filtered-ka"
+    params: dict[str, Any] = field(default_factory=dict)
+    # [export]
+    onnx: Path | None = None
+    opset: int = 18
+    fp16: bool = False
+    text: str = ""
+
+    def line_of(self, section: str, key: str | None = None, index: int = 0) -> int | None:
+        return _Lines(self.text).of(section, index, key) if self.text else None
+
+    def error(self, message: str, section: str, key: str | None = None, index: int = 0) -> RecipeError:
+        line = self.line_of(section, key, index)
+        where = f"{self.path}" + (f", line {line}" if line else "")
+        name = f"[{section}]" + (f".{key}" if key else "")
+        return RecipeError(f"{where}: {name}: {message}")
+
+    def to_toml(self) -> str:
+        """The recipe as TOML with absolute paths (what a run writes into its output folder)."""
+        import tomli_w
+
+        def clean(d):
+            return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items() if v is not None and v != {}}
+
+        data: dict[str, Any] = {
+            "run": clean({"name": self.name, "output_dir": self.output_dir, "device": self.device,
+                          "seed": self.seed, "precision": self.precision}),
+            "teachers": [clean({"checkpoint": t.checkpoint, "name": t.name, "arch": t.arch,
+                                "arch_kwargs": t.arch_kwargs, "labels_file": t.labels_file, "labels": t.labels,
+                                "task": t.task, "input_size": t.input_size, "mean": t.mean, "std": t.std,
+                                "trust": t.trust or None, "select": t.select}) for t in self.teachers],
+            "student": clean({"arch": self.student_arch, "arch_kwargs": self.student_arch_kwargs,
+                              "init": self.student_init, "teacher": self.student_teacher}),
+            "data": clean({"mode": self.mode, "unlabeled": self.unlabeled, "validation": self.validation,
+                           "image_size": self.image_size}),
+            "method": {"id": self.method, **self.params},
+            "export": clean({"onnx": self.onnx, "opset": self.opset, "fp16": self.fp16}),
+        }
+        return tomli_w.dumps(data)
+
+
+# --- parsing --------------------------------------------------------------------------------------
+
+def _check(value: Any, kind: Callable[[Any], bool], describe: str, recipe: Recipe, section: str, key: str,
+           index: int = 0) -> Any:
+    if not kind(value):
+        raise recipe.error(f"expected {describe}, got {value!r}", section, key, index)
+    return value
+
+
+def _is_str(v):
+    return isinstance(v, str) and v != ""
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str_list(v):
+    return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+
+
+def _is_size(v):
+    return (_is_int(v) and v > 0) or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v))
+
+
+def _is_triple(v):
+    return isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+SECTIONS = {
+    "run": {"name", "output_dir", "device", "seed", "precision"},
+    "teachers": {"checkpoint", "select", "name", "arch", "arch_kwargs", "labels_file", "labels", "task",
+                 "input_size", "mean", "std", "trust"},
+    "student": {"arch", "arch_kwargs", "init", "teacher"},
+    "data": {"mode", "unlabeled", "validation", "image_size"},
+    "method": None,  # 'id' + the method's own parameters, checked by the method registry
+    "export": {"onnx", "opset", "fp16"},
+}
+
+
+def parse_recipe(text: str, path: str | os.PathLike | None = None, *, check_files: bool = True) -> Recipe:
+    """Parse and validate recipe ``text``; relative paths are resolved against ``path``'s folder."""
+    path = Path(path) if path is not None else None
+    base = path.parent if path is not None else Path.cwd()
+    recipe = Recipe(path, text=text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: is not valid TOML ({exc})") from None
+
+    for section, value in data.items():
+        if section not in SECTIONS:
+            raise recipe.error(f"unknown section; expected one of {', '.join(SECTIONS)}", section)
+        tables = value if section == "teachers" else [value]
+        if section == "teachers" and not isinstance(value, list):
+            raise recipe.error("write each teacher as its own [[teachers]] table", section)
+        for index, table in enumerate(tables):
+            if not isinstance(table, dict):
+                raise recipe.error("expected a table", section)
+            allowed = SECTIONS[section]
+            for key in table:
+                if allowed is not None and key not in allowed:
+                    raise recipe.error(f"unknown key; expected one of {', '.join(sorted(allowed))}", section, key, index)
+
+    def resolve(p: str) -> Path:
+        return (base / os.path.expanduser(p)).resolve()
+
+    def existing(value: Any, section: str, key: str, index: int = 0, folder: bool | None = None) -> Path:
+        _check(value, _is_str, "a path (string)", recipe, section, key, index)
+        p = resolve(value)
+        if check_files:
+            if not p.exists():
+                raise recipe.error(f"{p} not found", section, key, index)
+            if folder is True and not p.is_dir():
+                raise recipe.error(f"{p} is not a folder", section, key, index)
+            if folder is False and not p.is_file():
+                raise recipe.error(f"{p} is not a file", section, key, index)
+        return p
+
+    run = data.get("run", {})
+    recipe.name = _check(run.get("name", path.stem if path else "run"), _is_str, "a name", recipe, "run", "name")
+    recipe.output_dir = resolve(_check(run.get("output_dir", f"runs/{recipe.name}"), _is_str, "a path",
+                                       recipe, "run", "output_dir"))
+    recipe.device = _check(run.get("device", "auto"), lambda v: isinstance(v, str) and bool(DEVICE_PATTERN.match(v)),
+                           "auto, cpu, cuda or cuda:N", recipe, "run", "device")
+    recipe.seed = _check(run.get("seed", 0), _is_int, "an integer", recipe, "run", "seed")
+    recipe.precision = _check(run.get("precision", "auto"), lambda v: v in PRECISIONS, " or ".join(PRECISIONS),
+                              recipe, "run", "precision")
+
+    teachers = data.get("teachers", [])
+    if not teachers:
+        raise RecipeError(f"{path}: no [[teachers]]: a recipe needs at least one teacher checkpoint")
+    for i, t in enumerate(teachers):
+        if "checkpoint" not in t:
+            raise recipe.error("missing key 'checkpoint' (the teacher's file)", "teachers", None, i)
+        entry = TeacherEntry(existing(t["checkpoint"], "teachers", "checkpoint", i, folder=False))
+        if "select" in t:
+            entry.select = _check(t["select"], lambda v: _is_str_list(v) and len(v) > 0,
+                                  "a non-empty list of label names", recipe, "teachers", "select", i)
+        for key, kind, describe in (("name", _is_str, "a name"), ("arch", _is_str, "an architecture name"),
+                                    ("task", lambda v: v in ("multilabel", "multiclass"), "multilabel or multiclass"),
+                                    ("labels", _is_str_list, "a list of label names"),
+                                    ("input_size", _is_size, "a positive int or [height, width]"),
+                                    ("mean", _is_triple, "three numbers"), ("std", _is_triple, "three numbers"),
+                                    ("arch_kwargs", lambda v: isinstance(v, dict), "a table"),
+                                    ("trust", lambda v: isinstance(v, bool), "true or false")):
+            if key in t:
+                setattr(entry, key, _check(t[key], kind, describe, recipe, "teachers", key, i))
+        if "labels_file" in t:
+            entry.labels_file = existing(t["labels_file"], "teachers", "labels_file", i, folder=False)
+        recipe.teachers.append(entry)
+
+    student = data.get("student", {})
+    if "arch" in student:
+        recipe.student_arch = _check(student["arch"], _is_str, "an architecture name", recipe, "student", "arch")
+    recipe.student_arch_kwargs = _check(student.get("arch_kwargs", {}), lambda v: isinstance(v, dict), "a table",
+                                        recipe, "student", "arch_kwargs")
+    recipe.student_init = _check(student.get("init", "teacher"), lambda v: v in INITS, " or ".join(INITS),
+                                 recipe, "student", "init")
+    recipe.student_teacher = _check(student.get("teacher", 1), lambda v: _is_int(v) and 1 <= v <= len(teachers),
+                                    f"a teacher number from 1 to {len(teachers)}", recipe, "student", "teacher")
+
+    d = data.get("data", {})
+    recipe.mode = _check(d.get("mode", "data"), lambda v: v in MODES, " or ".join(MODES), recipe, "data", "mode")
+    if "unlabeled" in d:
+        recipe.unlabeled = existing(d["unlabeled"], "data", "unlabeled", folder=True)
+    elif recipe.mode == "data":
+        raise recipe.error("data mode needs 'unlabeled', a folder of unlabeled images (or set mode = \"data-free\")",
+                           "data", "mode")
+    if "validation" in d:
+        recipe.validation = existing(d["validation"], "data", "validation")
+    if "image_size" in d:
+        recipe.image_size = _check(d["image_size"], lambda v: _is_int(v) and v > 0, "a positive integer",
+                                   recipe, "data", "image_size")
+
+    m = data.get("method", {})
+    recipe.method = _check(m.get("id", "filtered-ka"), _is_str, "a method id", recipe, "method", "id")
+    recipe.params = {k: v for k, v in m.items() if k != "id"}
+
+    e = data.get("export", {})
+    if "onnx" in e:
+        recipe.onnx = resolve(_check(e["onnx"], _is_str, "a path", recipe, "export", "onnx"))
+    recipe.opset = _check(e.get("opset", 18), lambda v: _is_int(v) and 7 <= v <= 30, "an ONNX opset from 7 to 30",
+                          recipe, "export", "opset")
+    recipe.fp16 = _check(e.get("fp16", False), lambda v: isinstance(v, bool), "true or false", recipe, "export", "fp16")
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, *, check_files: bool = True) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: recipe cannot be read ({exc})") from None
+    return parse_recipe(text, path.resolve(), check_files=check_files)
