@@ -24,6 +24,8 @@ from torch import nn
 from .errors import CheckpointError, UnsafeCheckpointError
 
 STATE_DICT_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 SAFETENSORS_META_KEY = "kamal"
 
 
@@ -142,6 +144,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

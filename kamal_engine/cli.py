@@ -201,6 +201,117 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --- kamal run -----------------------------------------------------------------------------------
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressPrinter:
+    """Prints run events on stderr: a redrawn bar on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last = 0.0
+        self.bar_open = False
+
+    def line(self, text: str) -> None:
+        if self.bar_open:
+            self.stream.write("\n")
+            self.bar_open = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def __call__(self, event) -> None:
+        from . import events as ev
+
+        if isinstance(event, ev.StepLosses):
+            now = time.monotonic()
+            if now - self.last < (0.2 if self.tty else 10.0) and event.step != event.total_steps:
+                return
+            self.last = now
+            frac = event.step / max(1, event.total_steps)
+            where = f"block {event.block} " if event.block else ""
+            text = (f"[{'#' * int(frac * 24):<24}] {frac:4.0%}  {event.stage} {where}epoch {event.epoch}  "
+                    f"loss {event.losses.get('loss', float('nan')):.4f}  {event.images_per_second:.0f} img/s  "
+                    f"ETA {_duration(event.eta_seconds)}")
+            if self.tty:
+                self.stream.write("\r" + text.ljust(100))
+                self.stream.flush()
+                self.bar_open = True
+            else:
+                self.line(text)
+        elif isinstance(event, ev.RunStarted):
+            resumed = f", resuming from {event.resumed_from}" if event.resumed_from else ""
+            self.line(f"Run '{event.name}': {event.method} on {event.device} → {event.output_dir}{resumed}")
+        elif isinstance(event, ev.StageStarted):
+            if event.block:
+                self.line(f"Block {event.block}/{event.blocks} ({event.block_name}): {event.epochs} epochs")
+            else:
+                self.line({"load-images": "Loading the unlabeled images …",
+                           "teacher-targets": "Computing the teachers' predictions …",
+                           "evaluate-branch-points": "Evaluating every branch point on the validation set …",
+                           "finetune": f"Fine-tuning the TargetNet: {event.epochs} epochs",
+                           "train": f"Training: {event.epochs} epochs",
+                           "evaluate": "Evaluating the teachers and the student …"}.get(event.stage, event.stage))
+        elif isinstance(event, ev.BlockConverged):
+            values = ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
+            self.line(f"  converged loss at {event.block_name}: {values}")
+        elif isinstance(event, ev.BranchPlanChosen):
+            self.line("Branch points: " + ", ".join(f"{k} → {v}" for k, v in event.plan.items()))
+        elif isinstance(event, ev.Evaluated):
+            score = f"mAP {_fmt(event.mean_ap)}" if event.mean_ap is not None else f"accuracy {_fmt(event.accuracy)}"
+            self.line(f"  {event.model}: {score}")
+        elif isinstance(event, ev.Finished):
+            self.line(f"Finished in {_duration(event.summary['seconds'])}: {event.summary['student']}")
+        elif isinstance(event, ev.Cancelled):
+            self.line(f"Cancelled: {event.message}")
+
+
+def cmd_run(args) -> int:
+    from .events import CancelToken, RunCancelled
+    from .recipe import load_recipe
+    from .runner import run_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.output:
+        recipe.output_dir = Path(args.output).resolve()
+    cancel = CancelToken()
+    printer = None if args.json else ProgressPrinter()
+    try:
+        result = run_recipe(recipe, resume=args.resume, restart=args.restart,
+                            emit=printer or (lambda event: None), cancel=cancel)
+    except (RunCancelled, KeyboardInterrupt):
+        print("kamal: interrupted; the finished blocks are kept: continue with kamal run --resume", file=sys.stderr)
+        return 130
+    report = result.report
+    if args.json:
+        _print_json({"output_dir": str(result.output_dir), **report})
+        return 0
+    print(f"\nOutputs in {result.output_dir}: student.kamal.pt, report.json, metrics.csv, recipe.toml")
+    if report.get("branch_points"):
+        print("Branch points: " + ", ".join(f"{k} → {v}" for k, v in report["branch_points"].items()))
+    val = report.get("validation")
+    if val:
+        rows = []
+        for label in report["labels"]:
+            teacher_ap = next((t["ap"][label] for t in val["teachers"].values() if label in t["ap"]), None)
+            student_ap = val["student"]["ap"].get(label)
+            diff = "" if teacher_ap is None or student_ap is None else f"{student_ap - teacher_ap:+.4f}"
+            rows.append([label, _fmt(teacher_ap), _fmt(student_ap), diff])
+        teacher_maps = [t["mean_ap"] for t in val["teachers"].values() if t["mean_ap"] is not None]
+        rows.append(["mAP", _fmt(sum(teacher_maps) / len(teacher_maps)) if teacher_maps else "n/a",
+                     _fmt(val["student"]["mean_ap"]), ""])
+        print(format_table(["label", "teacher AP", "student AP", "difference"], rows, right=(1, 2, 3)))
+    size = report["size"]
+    teachers_params = sum(v["parameters"] for v in size["teachers"].values())
+    print(f"Student: {size['student']['parameters']:,} parameters ({size['student_vs_teachers_parameters']:.2f} x the "
+          f"teachers' {teachers_params:,}), {_si(size['student']['flops'])}FLOPs per image")
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="run a recipe: amalgamate the teachers into a student",
+                       description="Run RECIPE (a TOML file, see the README): train the student, write "
+                       "student.kamal.pt, metrics.csv, report.json and the recipe as run into the recipe's output "
+                       "folder, with resumable checkpoints at every block boundary.")
+    p.add_argument("recipe", help="recipe file (.toml)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run after its last finished block")
+    p.add_argument("--restart", action="store_true", help="start over even if the output folder holds an unfinished run")
+    p.add_argument("--output", metavar="DIR", help="output folder (overrides [run].output_dir)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON at the end (no progress output)")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -1,0 +1,113 @@
+"""The event stream every method reports through (DESIGN "Events").
+
+Methods call ``emit(event)`` with the dataclasses below; the CLI prints them as a progress bar,
+the app's worker forwards them as (throttled) Qt signals. Cancellation is a flag the training
+loop checks between steps (:class:`CancelToken`); a cancelled run raises :class:`RunCancelled`
+after its last finished block checkpoint is on disk.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class RunStarted:
+    name: str
+    method: str
+    device: str
+    output_dir: str
+    total_steps: int
+    resumed_from: str | None = None
+
+
+@dataclass
+class StageStarted:
+    stage: str  # "amalgamate" | "finetune" | "train" | "evaluate" | ...
+    block: int | None = None  # 1-based block being trained, when block-wise
+    block_name: str | None = None
+    blocks: int | None = None
+    epochs: int = 0
+    steps: int = 0
+
+
+@dataclass
+class StepLosses:
+    step: int  # global step over the whole run
+    total_steps: int
+    stage: str
+    block: int | None
+    epoch: int
+    losses: dict[str, float]  # e.g. {"loss": .., "teacher:digits_0to4": .., "label:zero": ..}
+    images_per_second: float
+    eta_seconds: float
+
+
+@dataclass
+class BlockConverged:
+    block: int
+    block_name: str
+    losses: dict[str, float]  # converged loss per task (label or multi-class task name)
+
+
+@dataclass
+class SamplesGenerated:
+    step: int
+    images: Any  # uint8 tensor (N, 3, H, W)
+
+
+@dataclass
+class BranchPlanChosen:
+    plan: dict[str, str]  # task -> block name
+
+
+@dataclass
+class Evaluated:
+    model: str  # "student" or a teacher's name
+    ap: dict[str, float] = field(default_factory=dict)
+    mean_ap: float | None = None
+    accuracy: float | None = None
+
+
+@dataclass
+class Finished:
+    output_dir: str
+    summary: dict[str, Any]
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+@dataclass
+class Cancelled:
+    message: str
+
+
+Event = Any
+Emit = Callable[[Event], None]
+
+
+class RunCancelled(Exception):
+    """Raised inside a run when its :class:`CancelToken` is set."""
+
+
+class CancelToken:
+    """A thread-safe flag; ``check()`` raises :class:`RunCancelled` once it is set."""
+
+    def __init__(self):
+        self._flag = threading.Event()
+
+    def cancel(self) -> None:
+        self._flag.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._flag.is_set()
+
+    def check(self) -> None:
+        if self._flag.is_set():
+            raise RunCancelled("the run was cancelled")

@@ -1,0 +1,92 @@
+"""Amalgamation methods, one per module, registered by id.
+
+Each module defines ``METHOD``, a :class:`MethodInfo`. The registry maps ids to modules and
+imports a module only when its method is asked for (no import-everything ``__init__``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import KamalError
+
+MODULES = {
+    "filtered-ka": "kamal_engine.methods.filtered_ka",
+    "kd": "kamal_engine.methods.kd",
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter: its default, type and an explanation for the recipe and the app."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple | None = None
+    minimum: float | None = None
+
+    def check(self, value: Any) -> str | None:
+        """None when ``value`` is acceptable, else what is expected."""
+        kind = type(self.default)
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            return f"a {'number' if kind is float else kind.__name__}"
+        if self.choices is not None and value not in self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.minimum is not None and value < self.minimum:
+            return f"a value ≥ {self.minimum}"
+        return None
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    id: str
+    mode: str  # "data" | "data-free"
+    title: str
+    paper: str
+    summary: str
+    params: tuple[Param, ...]
+    run: Callable[..., Any]  # run(ctx: RunContext) -> MethodResult
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+
+@dataclass
+class MethodResult:
+    net: Any  # TargetNet
+    granularity: str
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def get_method(method_id: str) -> MethodInfo:
+    if method_id not in MODULES:
+        raise KamalError(f"unknown method {method_id!r}; available: {', '.join(MODULES)}")
+    return importlib.import_module(MODULES[method_id]).METHOD
+
+
+def all_methods() -> list[MethodInfo]:
+    return [get_method(m) for m in MODULES]
+
+
+def resolve_params(method: MethodInfo, given: dict[str, Any], error: Callable[[str, str], Exception]) -> dict[str, Any]:
+    """The method's defaults updated with ``given``; ``error(message, key)`` builds the exception."""
+    known = {p.name: p for p in method.params}
+    params = method.defaults()
+    for key, value in given.items():
+        if key not in known:
+            raise error(f"unknown parameter for method '{method.id}'; its parameters are {', '.join(known)}", key)
+        problem = known[key].check(value)
+        if problem:
+            raise error(f"expected {problem}, got {value!r}", key)
+        params[key] = float(value) if isinstance(known[key].default, float) else value
+    return params

@@ -1,0 +1,70 @@
+"""What a method gets from the runner, and helpers the methods share."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..events import CancelToken, Emit
+from ..preprocessing import Preprocessing
+from ..selection import TaskSelection
+from ..training import MetricsLog, StepLoop, UnlabeledImages
+
+
+@dataclass
+class RunContext:
+    selection: TaskSelection
+    student: nn.Module  # initialised student network
+    student_arch: str
+    student_arch_kwargs: dict[str, Any]
+    student_preprocessing: Preprocessing
+    images: UnlabeledImages | None
+    targets: list[torch.Tensor] | None  # per teacher: probabilities on every image for its selected outputs
+    device: torch.device
+    precision: str
+    params: dict[str, Any]
+    seed: int
+    emit: Emit
+    cancel: CancelToken
+    metrics: MetricsLog
+    checkpoint: Any  # runner.Checkpointer: load() -> dict | None, save(dict)
+    evaluate: Callable[[Any], Any] | None  # TargetNet -> Evaluation, when a validation set is given
+
+    def phase_seed(self, phase: int) -> int:
+        """A seed per phase (block, fine-tuning...), so a resumed run repeats the same draws."""
+        return self.seed * 1009 + phase
+
+    def loop(self, total_steps: int, start_step: int) -> StepLoop:
+        names = {f"teacher:{t.name}": t.name for t in self.selection.teachers}
+        task_teacher = {f"task:{t.name}": self.selection.teachers[t.teacher].name for t in self.selection.tasks}
+
+        def teacher_of(key: str) -> tuple[str, str]:
+            if key in names:
+                return names[key], ""
+            if key in task_teacher:
+                return task_teacher[key], key.split(":", 1)[1]
+            return "", ""
+
+        return StepLoop(self.emit, self.cancel, self.metrics, total_steps, start_step, teacher_of)
+
+    def all_targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """Soft targets of every selected output, in the student's label order, for images ``idx``."""
+        return torch.cat([t[idx] for t in self.targets], 1).to(self.device)
+
+    def sgd(self, parameters, lr: float) -> torch.optim.Optimizer:
+        p = self.params
+        return torch.optim.SGD(parameters, lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"])
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    full, rest = divmod(n_images, batch_size)
+    return full + (1 if rest >= 2 else 0)
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """An independent copy (the TargetNet owns its parts; the frozen teachers stay untouched)."""
+    return copy.deepcopy(module)

@@ -1,0 +1,257 @@
+"""Running a recipe end to end: ``kamal run RECIPE [--resume]`` and the app's worker.
+
+Outputs in the recipe's output folder (DESIGN "Run outputs"): ``recipe.toml`` (the recipe as run),
+``metrics.csv``, ``report.json``, ``student.kamal.pt`` and ``checkpoints/last.pt``. A checkpoint
+is written at every block boundary (and after fine-tuning); a cancelled or crashed run keeps its
+finished blocks and ``resume=True`` continues after the last one. Every phase draws its random
+numbers from its own seed, so a resumed CPU run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbones import build_model
+from .checkpoints import atomic_write
+from .data import read_labelled
+from .devices import resolve_device
+from .errors import KamalError
+from .evaluation import Evaluation, evaluate
+from .events import CancelToken, Cancelled, Emit, Evaluated, Failed, Finished, RunCancelled, RunStarted, StageStarted
+from .methods import get_method, resolve_params
+from .methods.common import RunContext
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .profile import count_flops, count_parameters
+from .recipe import Recipe
+from .selection import TaskSelection
+from .targetnet import Student
+from .training import MetricsLog, UnlabeledImages, teacher_targets
+
+CHECKPOINT_FORMAT = "kamal-run-checkpoint"
+
+
+class Checkpointer:
+    """``checkpoints/last.pt``: plain data (``weights_only``-loadable), written atomically."""
+
+    def __init__(self, path: Path, method: str):
+        self.path, self.method = path, method
+        self._state: dict[str, Any] | None = None
+
+    def load(self) -> dict[str, Any] | None:
+        if self._state is None and self.path.exists():
+            data = torch.load(self.path, map_location="cpu", weights_only=True)
+            if data.get("format") != CHECKPOINT_FORMAT or data.get("method") != self.method:
+                raise KamalError(f"is not a checkpoint of a '{self.method}' run; start over with --restart", self.path)
+            self._state = data["state"]
+        return self._state
+
+    def save(self, state: dict[str, Any], finished: bool = False) -> None:
+        self._state = state
+        data = {"format": CHECKPOINT_FORMAT, "method": self.method, "finished": finished, "state": state}
+        atomic_write(self.path, lambda tmp: torch.save(data, tmp))
+
+    def mark_finished(self) -> None:
+        if self.load() is not None:
+            self.save(self._state, finished=True)
+
+    def is_unfinished(self) -> bool:
+        if not self.path.exists():
+            return False
+        return not torch.load(self.path, map_location="cpu", weights_only=True).get("finished", False)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    student: Student
+    report: dict[str, Any]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_student(recipe: Recipe, selection: TaskSelection) -> tuple[torch.nn.Module, str, dict, Preprocessing]:
+    """The initial student: ``init = "teacher"`` copies a teacher's weights (not its classifier)."""
+    source = selection.teachers[recipe.student_teacher - 1]
+    arch = recipe.student_arch or source.arch
+    if recipe.student_arch_kwargs:
+        kwargs = dict(recipe.student_arch_kwargs)
+    else:  # the same architecture as its teacher: the same constructor arguments unless others are given
+        kwargs = dict(source.arch_kwargs) if arch == source.arch else {}
+    model = build_model(arch, len(selection.labels), **kwargs)
+    if recipe.student_init == "teacher":
+        if arch != source.arch or kwargs != source.arch_kwargs:
+            raise KamalError(f"[student] init = \"teacher\" copies teacher {recipe.student_teacher} ('{source.name}', "
+                             f"{source.arch} {source.arch_kwargs}), but the student is {arch} {kwargs}; use the same "
+                             "architecture or init = \"random\"", recipe.path)
+        own = model.state_dict()
+        weights = {k: v for k, v in source.model.state_dict().items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(weights, strict=False)
+        preprocessing = source.preprocessing
+    else:
+        preprocessing = Preprocessing(recipe.image_size or source.preprocessing.input_size, IMAGENET_MEAN, IMAGENET_STD)
+    if recipe.image_size:
+        preprocessing = preprocessing.replace(input_size=recipe.image_size)
+    return model, arch, kwargs, preprocessing
+
+
+def _clean(value):
+    if isinstance(value, float):
+        return None if value != value else round(value, 6)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, emit: Emit | None = None,
+               cancel: CancelToken | None = None) -> RunResult:
+    """Run ``recipe``; report through ``emit``; stop between steps once ``cancel`` is set.
+
+    Raises :class:`RunCancelled` when cancelled (after emitting :class:`Cancelled`), and re-raises
+    any failure after emitting :class:`Failed`.
+    """
+    emit = emit or (lambda event: None)
+    cancel = cancel or CancelToken()
+    try:
+        return _run(recipe, resume, restart, emit, cancel)
+    except RunCancelled:
+        emit(Cancelled("cancelled; the finished blocks are kept: continue with --resume"))
+        raise
+    except KamalError as exc:
+        emit(Failed(str(exc)))
+        raise
+    except Exception as exc:
+        emit(Failed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        raise
+
+
+def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: CancelToken) -> RunResult:
+    started = time.monotonic()
+    method = get_method(recipe.method)
+    if method.mode != recipe.mode:
+        raise recipe.error(f"method '{method.id}' works in {method.mode} mode but [data].mode is '{recipe.mode}'",
+                           "method", "id")
+    params = resolve_params(method, recipe.params, lambda message, key: recipe.error(message, "method", key))
+    out = recipe.output_dir
+    checkpointer = Checkpointer(out / "checkpoints" / "last.pt", method.id)
+    if resume and not checkpointer.path.exists():
+        raise KamalError(f"there is no checkpoint to resume from in {out}; run without --resume")
+    if not resume and checkpointer.is_unfinished() and not restart:
+        raise KamalError(f"{out} holds an unfinished run; continue it with --resume or start over with --restart")
+    if not resume and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    out.mkdir(parents=True, exist_ok=True)
+    resumed = checkpointer.load() if resume else None
+
+    seed_everything(recipe.seed)
+    device = resolve_device(recipe.device)
+    teachers = [entry.load() for entry in recipe.teachers]
+    selection = TaskSelection.build(teachers, [entry.select for entry in recipe.teachers])
+    student_model, arch, kwargs, student_pre = build_student(recipe, selection)
+    (out / "recipe.toml").write_text(recipe.to_toml())
+    emit(RunStarted(recipe.name, method.id, str(device), str(out), 0,
+                    resumed_from=str(checkpointer.path) if resumed else None))
+
+    size = max(max(t.preprocessing.input_size) for t in teachers)
+    size = (max(size, max(student_pre.input_size)),) * 2
+    emit(StageStarted("load-images"))
+    images = UnlabeledImages.from_folder(recipe.unlabeled, size, cancel=cancel) if recipe.unlabeled else None
+    emit(StageStarted("teacher-targets"))
+    targets = teacher_targets(selection, images.images, device, cancel=cancel) if images is not None else None
+
+    validation = read_labelled(recipe.validation) if recipe.validation else None
+
+    def evaluate_net(net) -> Evaluation:
+        student = Student(net, student_pre, arch, kwargs, "stage", method.id)
+        return evaluate_student(student, selection, validation, device)
+
+    metrics = MetricsLog(out / "metrics.csv", keep_until_step=resumed.get("step", 0) if resumed else None)
+    try:
+        ctx = RunContext(selection, student_model, arch, kwargs, student_pre, images, targets, device,
+                         recipe.precision, params, recipe.seed, emit, cancel, metrics, checkpointer,
+                         evaluate_net if validation is not None else None)
+        result = method.run(ctx)
+    finally:
+        metrics.close()
+    student = Student(result.net.cpu(), student_pre, arch, kwargs, result.granularity, method.id,
+                      info={"recipe": recipe.name, "seed": recipe.seed})
+    student.save(out / "student.kamal.pt")
+
+    report: dict[str, Any] = {
+        "engine_version": __version__, "method": method.id, "params": params, "device": str(device),
+        "labels": selection.labels,
+        "tasks": [{"name": t.name, "teacher": teachers[t.teacher].name, "kind": t.kind, "labels": list(t.labels)}
+                  for t in selection.tasks],
+        **result.report,
+        "targetnet": student.net.describe(),
+    }
+    size_s = student_pre.input_size
+    report["size"] = {
+        "student": {"parameters": count_parameters(student.net),
+                    "flops": count_flops(student.net, size_s)},
+        "teachers": {t.name: {"parameters": count_parameters(t.model),
+                              "flops": count_flops(t.model, t.preprocessing.input_size)} for t in teachers},
+    }
+    report["size"]["student_vs_teachers_parameters"] = report["size"]["student"]["parameters"] / sum(
+        v["parameters"] for v in report["size"]["teachers"].values())
+    if validation is not None:
+        emit(StageStarted("evaluate"))
+        report["validation"] = {"data": str(recipe.validation), "teachers": {}, "student": None}
+        for n, teacher in enumerate(teachers):
+            ev = evaluate_teacher_on_selection(teacher, selection, n, validation, device)
+            report["validation"]["teachers"][teacher.name] = ev.to_dict()
+            emit(Evaluated(teacher.name, ev.ap, ev.mean_ap, ev.accuracy))
+        ev = evaluate_student(student, selection, validation, device)
+        report["validation"]["student"] = ev.to_dict()
+        emit(Evaluated("student", ev.ap, ev.mean_ap, ev.accuracy))
+    report["seconds"] = round(time.monotonic() - started, 1)
+    report = _clean(report)
+    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    checkpointer.mark_finished()
+    emit(Finished(str(out), {"student": str(out / "student.kamal.pt"), "seconds": report["seconds"]}))
+    return RunResult(out, student, report)
+
+
+def evaluate_student(student: Student, selection: TaskSelection, data, device) -> Evaluation:
+    """The student on ``data``: the labels whose task type matches the data (CSV: multi-label)."""
+    student.net.to(device)
+    kinds = {t.kind for t in selection.tasks}
+    if data.task == "multilabel" or len(kinds) == 1:
+        positions = [p for t in selection.tasks if t.kind == data.task for p in t.positions] or list(range(len(selection.labels)))
+    else:
+        positions = list(range(len(selection.labels)))
+    index = torch.tensor(positions)
+    labels = [selection.labels[p] for p in positions]
+    return evaluate(lambda x: student.predict(x)[:, index.to(x.device)], labels, data.task,
+                    student.preprocessing.input_size, data)
+
+
+def evaluate_teacher_on_selection(teacher, selection: TaskSelection, n: int, data, device) -> Evaluation:
+    """A teacher on the labels selected from it (its AP does not depend on the other outputs)."""
+    tasks = selection.tasks_of(n)
+    outputs = [o for t in tasks for o in t.outputs]
+    labels = [label for t in tasks for label in t.labels]
+    teacher.model.to(device)
+    if teacher.task == "multiclass" and data.task == "multiclass":
+        def predict(x):
+            logits = teacher.model(teacher.preprocessing(x.to(device)))[:, outputs]
+            return torch.softmax(logits, 1)
+        with torch.no_grad():
+            return evaluate(predict, labels, "multiclass", teacher.preprocessing.input_size, data)
+    return evaluate(lambda x: teacher.predict(x)[:, outputs], labels, teacher.task, teacher.preprocessing.input_size, data)

@@ -1,0 +1,219 @@
+"""Training machinery the methods share: images, soft targets, losses, schedule, the step loop.
+
+The loop follows KamalEngine's shape (a step function returns a dict of losses; the loop does the
+rest: progress events, ETA, metrics rows, cancellation between steps) without its flaws: the
+device is an argument (no hard-coded ``.cuda()``), nothing lives in globals, and checkpoints hold
+everything needed to resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import list_images, load_image
+from .errors import KamalError
+from .events import CancelToken, Emit, StepLosses
+from .selection import Task, TaskSelection
+
+MAX_CACHED_BYTES = 4 * 1024**3
+
+
+class UnlabeledImages:
+    """The unlabeled training images, decoded once into memory as uint8 ``(N, 3, S, S)``."""
+
+    def __init__(self, images: torch.Tensor, paths: Sequence[Path] | None = None):
+        self.images = images
+        self.paths = list(paths or [])
+
+    @classmethod
+    def from_folder(cls, folder, size: Sequence[int], progress: Callable[[int, int], None] | None = None,
+                    cancel: CancelToken | None = None) -> "UnlabeledImages":
+        paths = list_images(folder)
+        need = len(paths) * 3 * size[0] * size[1]
+        if need > MAX_CACHED_BYTES:
+            raise KamalError(f"{len(paths)} images at {size[0]}x{size[1]} need {need / 1024**3:.1f} GiB of memory, more "
+                             f"than the {MAX_CACHED_BYTES / 1024**3:.0f} GiB this version holds; use a smaller image "
+                             "size or fewer images", folder)
+        images = torch.empty(len(paths), 3, *size, dtype=torch.uint8)
+        for i, path in enumerate(paths):
+            images[i] = load_image(path, size)
+            if progress and (i % 256 == 255 or i == len(paths) - 1):
+                progress(i + 1, len(paths))
+            if cancel is not None and i % 256 == 0:
+                cancel.check()
+        return cls(images, paths)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Index batches of one shuffled epoch (the last, smaller batch is dropped if it has < 2 images)."""
+        order = torch.randperm(len(self), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            if len(idx) >= 2:
+                yield idx
+
+
+@torch.no_grad()
+def teacher_targets(selection: TaskSelection, images: torch.Tensor, device: torch.device,
+                    batch_size: int = 128, cancel: CancelToken | None = None) -> list[torch.Tensor]:
+    """Each teacher's probabilities on every image for its selected outputs: ``[(N, |outputs_n|)]``.
+
+    The teachers see each image normalised their own way; their predictions on the real images are
+    the soft targets of filtered-KA's Eq. 7 (and of plain KD). Multi-class probabilities are
+    renormalised over the selected classes.
+    """
+    targets = []
+    for n, teacher in enumerate(selection.teachers):
+        tasks = selection.tasks_of(n)
+        if not tasks:
+            targets.append(torch.zeros(len(images), 0))
+            continue
+        outputs = [o for t in tasks for o in t.outputs]
+        teacher.model.to(device).eval()
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            if cancel is not None:
+                cancel.check()
+            logits = teacher.model(teacher.preprocessing(images[start:start + batch_size].to(device))).float()
+            chunks.append(logits[:, outputs].cpu())
+        logits = torch.cat(chunks)
+        probs, col = [], 0
+        for task in tasks:
+            part = logits[:, col:col + len(task.outputs)]
+            probs.append(torch.sigmoid(part) if task.kind == "multilabel" else torch.softmax(part, dim=1))
+            col += len(task.outputs)
+        targets.append(torch.cat(probs, 1))
+    return targets
+
+
+def task_losses(logits: torch.Tensor, targets: torch.Tensor, tasks: Sequence[Task]) -> torch.Tensor:
+    """Soft-target cross entropy per task (the ℓ of Eq. 2 and 7), averaged over the batch.
+
+    ``logits`` and ``targets`` hold the columns of ``tasks`` side by side. Multi-label: binary cross
+    entropy of each sigmoid output against the teacher's probability. Multi-class: cross entropy of
+    the softmax over the selected classes against the teacher's renormalised distribution.
+    """
+    out, col = [], 0
+    logits = logits.float()
+    for task in tasks:
+        width = len(task.outputs)
+        z, p = logits[:, col:col + width], targets[:, col:col + width]
+        if task.kind == "multilabel":
+            out.append(F.binary_cross_entropy_with_logits(z, p, reduction="none").mean(0))
+        else:
+            out.append(-(p * F.log_softmax(z, dim=1)).sum(1).mean().unsqueeze(0))
+        col += width
+    return torch.cat(out)
+
+
+def poly_schedule(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 0.9):
+    """The papers' "poly" policy: lr = base · (1 − step/total)^power."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total_steps) / max(1, total_steps)) ** power)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (``auto`` or ``bf16``), plain fp32 otherwise."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def set_mode(trainable: Sequence[nn.Module], frozen: Sequence[nn.Module]) -> None:
+    """Trainable modules in train mode with gradients; frozen ones in eval mode without."""
+    for module in frozen:
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+    for module in trainable:
+        module.train()
+        for p in module.parameters():
+            p.requires_grad_(True)
+
+
+class MetricsLog:
+    """``metrics.csv``: one row per logged value: step, stage, block, epoch, teacher, task, name, value."""
+
+    FIELDS = ["step", "stage", "block", "epoch", "teacher", "task", "name", "value"]
+
+    def __init__(self, path: Path, keep_until_step: int | None = None):
+        self.path = path
+        rows = []
+        if keep_until_step is not None and path.exists():  # resuming: drop what came after the checkpoint
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def write(self, step: int, stage: str, block, epoch: int, values: dict[str, float],
+              teacher_of: Callable[[str], tuple[str, str]]) -> None:
+        for key, value in values.items():
+            teacher, task = teacher_of(key)
+            self.writer.writerow({"step": step, "stage": stage, "block": "" if block is None else block,
+                                  "epoch": epoch, "teacher": teacher, "task": task, "name": key, "value": f"{value:.6g}"})
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # global step
+    total_steps: int = 0
+    images_seen: int = 0
+    started: float = 0.0
+
+
+class StepLoop:
+    """Runs step functions, reporting losses, throughput and ETA, and honouring cancellation."""
+
+    def __init__(self, emit: Emit, cancel: CancelToken, metrics: MetricsLog, total_steps: int, start_step: int,
+                 teacher_of: Callable[[str], tuple[str, str]], report_every: int = 1):
+        self.emit, self.cancel, self.metrics = emit, cancel, metrics
+        self.state = LoopState(step=start_step, total_steps=total_steps, started=time.monotonic())
+        self.start_step = start_step
+        self.teacher_of = teacher_of
+        self.report_every = report_every
+
+    def run_epoch(self, batches: Iterator[torch.Tensor], step_fn: Callable[[torch.Tensor], dict[str, float]],
+                  stage: str, block: int | None, epoch: int) -> dict[str, float]:
+        """Call ``step_fn(batch_indices)`` for each batch; return the epoch's mean losses."""
+        sums: dict[str, float] = {}
+        count = 0
+        for idx in batches:
+            self.cancel.check()
+            losses = step_fn(idx)
+            if not all(math.isfinite(v) for v in losses.values()):
+                bad = ", ".join(k for k, v in losses.items() if not math.isfinite(v))
+                raise KamalError(f"the training diverged at step {self.state.step + 1} ({bad} is not finite); "
+                                 "lower the learning rate in [method] and run again")
+            s = self.state
+            s.step += 1
+            s.images_seen += len(idx)
+            count += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            self.metrics.write(s.step, stage, block, epoch, losses, self.teacher_of)
+            if s.step % self.report_every == 0 or s.step == s.total_steps:
+                elapsed = max(1e-9, time.monotonic() - s.started)
+                done = s.step - self.start_step
+                eta = elapsed / max(1, done) * (s.total_steps - s.step)
+                self.emit(StepLosses(s.step, s.total_steps, stage, block, epoch, losses, s.images_seen / elapsed, eta))
+        self.metrics.flush()
+        return {k: v / max(1, count) for k, v in sums.items()}

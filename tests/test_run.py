@@ -1,0 +1,108 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from kamal_engine.cli import main
+from kamal_engine.events import BlockConverged, CancelToken, RunCancelled, StepLosses
+from kamal_engine.recipe import RecipeError, load_recipe
+from kamal_engine.runner import run_recipe
+from kamal_engine.targetnet import load_student
+
+TINY = {"filtered-ka": "epochs_per_block = 1\nfinetune_epochs = 1\nbatch_size = 32",
+        "kd": "epochs = 2\nbatch_size = 32"}
+
+
+def tiny_recipe(root, out, method="filtered-ka", params=None):
+    text = (root / "recipes" / "filtered-ka.toml").read_text()
+    text = text.replace('id = "filtered-ka"', f'id = "{method}"\n{TINY[method] if params is None else params}')
+    path = root / "recipes" / f"test-{method}-{out.name}.toml"
+    path.write_text(text.replace('output_dir = "../runs/filtered-ka"', f'output_dir = "{out}"'))
+    return path
+
+
+def state(student):
+    return {k: v.clone() for k, v in student.net.state_dict().items()}
+
+
+def test_filtered_ka_run_writes_every_output(quick_demo, tmp_path):
+    root, _ = quick_demo
+    events = []
+    result = run_recipe(load_recipe(tiny_recipe(root, tmp_path / "a")), emit=events.append)
+    out = tmp_path / "a"
+    for name in ("student.kamal.pt", "report.json", "metrics.csv", "recipe.toml", "checkpoints/last.pt"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["blocks"] == ["b1", "b2", "b3", "b4"]
+    assert set(report["branch_points"]) == set(report["labels"]) and len(report["labels"]) == 10
+    for label, losses in report["converged_loss"].items():  # Eq. 9 on the recorded losses
+        best = min(losses.values())
+        assert report["branch_points"][label] == max(b for b, v in losses.items() if v == best)
+    assert set(report["ap_by_block"]) == {"b1", "b2", "b3", "b4"}
+    assert set(report["validation"]["student"]["ap"]) == set(report["labels"])
+    assert report["validation"]["teachers"]["digits_0to4"]["ap"].keys() == {"zero", "one", "two", "three", "four"}
+    assert report["size"]["student"]["parameters"] > 0 and report["size"]["student"]["flops"] > 0
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"amalgamate", "finetune"} <= {r["stage"] for r in rows}
+    assert any(r["teacher"] == "digits_5to9" and r["task"] == "seven" for r in rows)
+    assert sum(isinstance(e, BlockConverged) for e in events) == 4
+    steps = [e for e in events if isinstance(e, StepLosses)]
+    assert steps[-1].step == steps[-1].total_steps
+    # the saved bundle predicts what the in-memory student predicts
+    images = torch.randint(0, 256, (3, 3, 56, 56), dtype=torch.uint8)
+    assert torch.allclose(load_student(out / "student.kamal.pt").predict(images), result.student.predict(images))
+
+
+@pytest.mark.parametrize("method,stop_event", [("filtered-ka", "block 2"), ("kd", "epoch 1")])
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(quick_demo, tmp_path, method, stop_event):
+    root, _ = quick_demo
+    whole = run_recipe(load_recipe(tiny_recipe(root, tmp_path / "whole", method)))
+
+    cancel = CancelToken()
+
+    def stop_after_first_phase(event):
+        if method == "filtered-ka" and isinstance(event, BlockConverged) and event.block == 2:
+            cancel.cancel()
+        if method == "kd" and isinstance(event, StepLosses) and event.step == event.total_steps // 2:
+            cancel.cancel()
+
+    recipe = load_recipe(tiny_recipe(root, tmp_path / "cut", method))
+    with pytest.raises(RunCancelled):
+        run_recipe(recipe, emit=stop_after_first_phase, cancel=cancel)
+    assert not (tmp_path / "cut" / "student.kamal.pt").exists()
+    with pytest.raises(Exception, match="unfinished run.*--resume"):
+        run_recipe(recipe)
+    resumed = run_recipe(recipe, resume=True)
+    a, b = state(whole.student), state(resumed.student)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    with open(tmp_path / "cut" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r["name"] == "loss"]
+    assert steps == list(range(1, len(steps) + 1))  # no step logged twice after the resume
+
+
+def test_kd_baseline_run(quick_demo, tmp_path):
+    root, _ = quick_demo
+    result = run_recipe(load_recipe(tiny_recipe(root, tmp_path / "kd", "kd")))
+    assert result.report["method"] == "kd" and len(result.student.net.branches) == 1
+    assert result.report["validation"]["student"]["mean_ap"] > 0
+
+
+def test_method_parameter_errors_name_the_line(quick_demo, tmp_path):
+    root, _ = quick_demo
+    with pytest.raises(RecipeError, match=r"\[method\]\.epochs_per_blok: unknown parameter for method 'filtered-ka'"):
+        run_recipe(load_recipe(tiny_recipe(root, tmp_path / "x", params="epochs_per_blok = 2")))
+    with pytest.raises(RecipeError, match=r"line \d+: \[method\]\.batch_size: expected a value ≥ 2"):
+        run_recipe(load_recipe(tiny_recipe(root, tmp_path / "x", params="batch_size = 1")))
+
+
+def test_cli_run_and_resume_messages(quick_demo, tmp_path, capsys):
+    root, _ = quick_demo
+    recipe = tiny_recipe(root, tmp_path / "cli", "kd", params="epochs = 1\nbatch_size = 64")
+    assert main(["run", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "student AP" in out and "mAP" in out
+    assert main(["run", str(recipe), "--resume", "--output", str(tmp_path / "elsewhere")]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
