@@ -64,10 +64,10 @@ def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
                    help="allow a file holding pickled Python objects (a whole nn.Module); only for files you trust")
 
 
-def _load_teacher(args, path: str, require_labels: bool = True):
+def _load_teacher(args, path: str, require_labels: bool = True, raw=None):
     from .teacher import load_teacher
 
-    return load_teacher(path, arch=args.arch,
+    return load_teacher(path, raw=raw, arch=args.arch,
                         labels_file=args.labels, task=args.task, input_size=args.input_size, trust=args.trust,
                         require_labels=require_labels)
 
@@ -137,23 +137,28 @@ def _print_evaluation(evaluation, title: str) -> None:
 
 
 def cmd_eval(args) -> int:
+    from .checkpoints import read_checkpoint
     from .data import read_labelled
     from .devices import resolve_device
     from .evaluation import evaluate_teacher
+    from .runner import evaluate_student
+    from .targetnet import STUDENT_FORMAT, student_from_bundle
 
-    teacher = _load_teacher(args, args.model)
+    raw = read_checkpoint(args.model, trust=args.trust)
     data = read_labelled(args.data)
     device = resolve_device(args.device)
-    progress = None if args.json or not sys.stderr.isatty() else (
-        lambda done, total: print(f"\r  evaluating {done}/{total} images", end="", file=sys.stderr, flush=True))
-    evaluation = evaluate_teacher(teacher, data, batch_size=args.batch_size, device=device, progress=progress)
-    if progress:
-        print(file=sys.stderr)
-    if args.json:
-        _print_json({"model": str(teacher.source), "data": str(data.source), **evaluation.to_dict()})
+    if raw.kind == "bundle" and raw.bundle.get("format") == STUDENT_FORMAT:
+        student = student_from_bundle(raw.bundle, raw.path)
+        evaluation = evaluate_student(student, data, device)
+        title = f"student ({student.method}, {len(student.labels)} labels)"
     else:
-        _print_evaluation(evaluation, f"{teacher.name} ({teacher.arch}, {teacher.task}) on {data.source} "
-                                      f"({evaluation.n_images} images)")
+        teacher = _load_teacher(args, args.model, raw=raw)
+        evaluation = evaluate_teacher(teacher, data, batch_size=args.batch_size, device=device)
+        title = f"{teacher.name} ({teacher.arch}, {teacher.task})"
+    if args.json:
+        _print_json({"model": str(raw.path), "data": str(data.source), **evaluation.to_dict()})
+    else:
+        _print_evaluation(evaluation, f"{title} on {data.source} ({evaluation.n_images} images)")
     return 0
 
 
@@ -227,7 +232,14 @@ class ProgressPrinter:
     def __call__(self, event) -> None:
         from . import events as ev
 
-        if isinstance(event, ev.StepLosses):
+        if isinstance(event, ev.Progress):
+            now = time.monotonic()
+            if self.tty and (now - self.last >= 0.2 or event.done == event.total):
+                self.last = now
+                self.stream.write(f"\r  {event.done}/{event.total}")
+                self.stream.flush()
+                self.bar_open = True
+        elif isinstance(event, ev.StepLosses):
             now = time.monotonic()
             if now - self.last < (0.2 if self.tty else 10.0) and event.step != event.total_steps:
                 return
@@ -345,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate MODEL on labelled data: a CSV (image column + one 0/1 column per "
                        "label) gives per-label AP and mAP for a multi-label model; a folder of class folders "
                        "gives top-1 accuracy for a multi-class model. Labels are matched by name.")
-    p.add_argument("model", help="teacher checkpoint file")
+    p.add_argument("model", help="student bundle (student.kamal.pt from kamal run) or teacher checkpoint file")
     p.add_argument("--data", required=True, metavar="CSV|DIR", help="labelled CSV or class-folder tree")
     _add_checkpoint_options(p)
     p.add_argument("--batch-size", type=int, default=64)

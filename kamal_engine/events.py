@@ -34,6 +34,15 @@ class StageStarted:
 
 
 @dataclass
+class Progress:
+    """Progress of work that is not a training step (loading images, teacher predictions)."""
+
+    stage: str
+    done: int
+    total: int
+
+
+@dataclass
 class StepLosses:
     step: int  # global step over the whole run
     total_steps: int

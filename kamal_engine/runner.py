@@ -28,7 +28,8 @@ from .data import read_labelled
 from .devices import resolve_device
 from .errors import KamalError
 from .evaluation import Evaluation, evaluate
-from .events import CancelToken, Cancelled, Emit, Evaluated, Failed, Finished, RunCancelled, RunStarted, StageStarted
+from .events import (CancelToken, Cancelled, Emit, Evaluated, Failed, Finished, Progress, RunCancelled, RunStarted,
+                     StageStarted)
 from .methods import get_method, resolve_params
 from .methods.common import RunContext
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -44,8 +45,9 @@ CHECKPOINT_FORMAT = "kamal-run-checkpoint"
 class Checkpointer:
     """``checkpoints/last.pt``: plain data (``weights_only``-loadable), written atomically."""
 
-    def __init__(self, path: Path, method: str):
+    def __init__(self, path: Path, method: str, fingerprint: dict[str, Any] | None = None):
         self.path, self.method = path, method
+        self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self._state: dict[str, Any] | None = None
 
     def load(self) -> dict[str, Any] | None:
@@ -53,12 +55,18 @@ class Checkpointer:
             data = torch.load(self.path, map_location="cpu", weights_only=True)
             if data.get("format") != CHECKPOINT_FORMAT or data.get("method") != self.method:
                 raise KamalError(f"is not a checkpoint of a '{self.method}' run; start over with --restart", self.path)
+            saved = json.loads(data.get("fingerprint", "{}"))
+            changed = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+            if changed:
+                raise KamalError(f"was written by a run with other settings ({', '.join(changed)} changed since); resume "
+                                 "with the recipe the run was started with, or start over with --restart", self.path)
             self._state = data["state"]
         return self._state
 
     def save(self, state: dict[str, Any], finished: bool = False) -> None:
         self._state = state
-        data = {"format": CHECKPOINT_FORMAT, "method": self.method, "finished": finished, "state": state}
+        data = {"format": CHECKPOINT_FORMAT, "method": self.method, "finished": finished, "state": state,
+                "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
         atomic_write(self.path, lambda tmp: torch.save(data, tmp))
 
     def mark_finished(self) -> None:
@@ -149,7 +157,13 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
                            "method", "id")
     params = resolve_params(method, recipe.params, lambda message, key: recipe.error(message, "method", key))
     out = recipe.output_dir
-    checkpointer = Checkpointer(out / "checkpoints" / "last.pt", method.id)
+    fingerprint = {  # what must not change between a run and its resumption
+        "params": params, "seed": recipe.seed,
+        "teachers": [[str(t.checkpoint), t.select, t.arch, t.task, t.input_size, t.mean, t.std] for t in recipe.teachers],
+        "student": [recipe.student_arch, recipe.student_arch_kwargs, recipe.student_init, recipe.student_teacher],
+        "data": [str(recipe.unlabeled), recipe.image_size],
+    }
+    checkpointer = Checkpointer(out / "checkpoints" / "last.pt", method.id, fingerprint)
     if resume and not checkpointer.path.exists():
         raise KamalError(f"there is no checkpoint to resume from in {out}; run without --resume")
     if not resume and checkpointer.is_unfinished() and not restart:
@@ -171,7 +185,10 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
     size = max(max(t.preprocessing.input_size) for t in teachers)
     size = (max(size, max(student_pre.input_size)),) * 2
     emit(StageStarted("load-images"))
-    images = UnlabeledImages.from_folder(recipe.unlabeled, size, cancel=cancel) if recipe.unlabeled else None
+    images = None
+    if recipe.unlabeled:
+        images = UnlabeledImages.from_folder(recipe.unlabeled, size, cancel=cancel,
+                                             progress=lambda done, total: emit(Progress("load-images", done, total)))
     emit(StageStarted("teacher-targets"))
     targets = teacher_targets(selection, images.images, device, cancel=cancel) if images is not None else None
 
@@ -179,7 +196,7 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
 
     def evaluate_net(net) -> Evaluation:
         student = Student(net, student_pre, arch, kwargs, "stage", method.id)
-        return evaluate_student(student, selection, validation, device)
+        return evaluate_student(student, validation, device)
 
     metrics = MetricsLog(out / "metrics.csv", keep_until_step=resumed.get("step", 0) if resumed else None)
     try:
@@ -217,7 +234,7 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
             ev = evaluate_teacher_on_selection(teacher, selection, n, validation, device)
             report["validation"]["teachers"][teacher.name] = ev.to_dict()
             emit(Evaluated(teacher.name, ev.ap, ev.mean_ap, ev.accuracy))
-        ev = evaluate_student(student, selection, validation, device)
+        ev = evaluate_student(student, validation, device)
         report["validation"]["student"] = ev.to_dict()
         emit(Evaluated("student", ev.ap, ev.mean_ap, ev.accuracy))
     report["seconds"] = round(time.monotonic() - started, 1)
@@ -228,16 +245,18 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
     return RunResult(out, student, report)
 
 
-def evaluate_student(student: Student, selection: TaskSelection, data, device) -> Evaluation:
-    """The student on ``data``: the labels whose task type matches the data (CSV: multi-label)."""
+def evaluate_student(student: Student, data, device) -> Evaluation:
+    """The student on ``data``: its outputs whose task type matches the data (CSV: multi-label ones)."""
     student.net.to(device)
-    kinds = {t.kind for t in selection.tasks}
-    if data.task == "multilabel" or len(kinds) == 1:
-        positions = [p for t in selection.tasks if t.kind == data.task for p in t.positions] or list(range(len(selection.labels)))
-    else:
-        positions = list(range(len(selection.labels)))
+    positions = [p for g in student.net.groups if g.kind == data.task for p in g.positions]
+    if data.task == "multiclass" and len({g.name for g in student.net.groups if g.kind == "multiclass"}) > 1:
+        raise KamalError("the student has several multi-class tasks; a class-folder set can evaluate only one",
+                         data.source)
+    if not positions:
+        kind = "multi-label" if data.task == "multilabel" else "multi-class"
+        raise KamalError(f"is a {kind} set but the student has no {kind} outputs", data.source)
     index = torch.tensor(positions)
-    labels = [selection.labels[p] for p in positions]
+    labels = [student.labels[p] for p in positions]
     return evaluate(lambda x: student.predict(x)[:, index.to(x.device)], labels, data.task,
                     student.preprocessing.input_size, data)
 

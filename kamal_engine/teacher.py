@@ -207,16 +207,17 @@ def load_teacher(
     name: str | None = None,
     trust: bool = False,
     require_labels: bool = True,
+    raw: RawCheckpoint | None = None,
 ) -> Teacher:
     """Load a teacher from ``path``; keyword arguments fill in or override what the file lacks.
 
     For foreign checkpoints the labels come from ``labels``, ``labels_file`` or a sidecar file
     (:func:`find_sidecar_labels`); with ``require_labels=False`` (inspection) outputs without
     names are called ``output_0 ...``. Preprocessing defaults to the torchvision convention
-    (ImageNet mean/std, the architecture's usual input size).
+    (ImageNet mean/std, the architecture's usual input size). ``raw`` is the already read file.
     """
     path = Path(path)
-    raw = read_checkpoint(path, trust=trust)
+    raw = raw if raw is not None else read_checkpoint(path, trust=trust)
     if raw.kind == "bundle":
         bundle = _bundle_fields(raw)
         arch = arch or bundle["arch"]

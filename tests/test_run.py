@@ -74,6 +74,9 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(quick_demo, tmp
     assert not (tmp_path / "cut" / "student.kamal.pt").exists()
     with pytest.raises(Exception, match="unfinished run.*--resume"):
         run_recipe(recipe)
+    changed = load_recipe(tiny_recipe(root, tmp_path / "cut", method, params=TINY[method].replace("32", "16")))
+    with pytest.raises(Exception, match="other settings \\(params changed since\\)"):
+        run_recipe(changed, resume=True)
     resumed = run_recipe(recipe, resume=True)
     a, b = state(whole.student), state(resumed.student)
     assert a.keys() == b.keys()
@@ -106,3 +109,8 @@ def test_cli_run_and_resume_messages(quick_demo, tmp_path, capsys):
     assert "student AP" in out and "mAP" in out
     assert main(["run", str(recipe), "--resume", "--output", str(tmp_path / "elsewhere")]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    csv_path = root / "data" / "validation" / "labels.csv"
+    assert main(["eval", str(tmp_path / "cli" / "student.kamal.pt"), "--data", str(csv_path), "--json"]) == 0
+    evaluation = json.loads(capsys.readouterr().out)
+    assert evaluation["mean_ap"] == pytest.approx(report["validation"]["student"]["mean_ap"], abs=1e-6)
