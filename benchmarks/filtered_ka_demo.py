@@ -82,8 +82,8 @@ def main() -> None:
         ap = r["validation"]["student"]["ap"]
         lines.append(f"| {name} | " + " | ".join(fmt(ap[label]) for label in labels)
                      + f" | **{fmt(r['validation']['student']['mean_ap'])}** | {r['cpu_seconds']:.0f} s |")
-    lines += ["", f"filtered-ka branch points: " + ", ".join(f"{k} → {v}" for k, v in fk["branch_points"].items()),
-              f"; student parameters {fk['size']['student']['parameters']:,} "
+    lines += ["", "filtered-ka branch points: " + ", ".join(f"{k} → {v}" for k, v in fk["branch_points"].items())
+              + f"; student parameters {fk['size']['student']['parameters']:,} "
               f"({fk['size']['student_vs_teachers_parameters']:.2f} × the teachers')."]
 
     two = results["two_labels"]["filtered-ka"]

@@ -7,7 +7,10 @@ A miniature of the papers' PASCAL VOC setting, built offline in about a minute o
   the labels of an image are the digits present (10 labels, ``zero`` .. ``nine``);
 * ``data/teacher-train`` (labelled, used only to train the teachers), ``data/unlabeled`` (no
   labels: the data-mode training set) and ``data/validation`` (labelled CSV, for evaluation);
-* two teachers trained on disjoint label sets (digits 0-4 and 5-9), saved one as a native bundle
+* a backbone pre-trained on another dataset (the 1797 8x8 digits of ``sklearn``, upscaled, one digit
+  per image, 10-class): the miniature of the papers' ImageNet-pretrained ResNet-50, from which
+  both teachers are fine-tuned as the papers' teachers are, so their block features are related;
+* two teachers fine-tuned on disjoint label sets (digits 0-4 and 5-9), saved one as a native bundle
   and one as a bare ``state_dict`` + ``labels.txt`` (so the foreign-import path is used), with
   different preprocessing (digit statistics vs the torchvision/ImageNet default);
 * one recipe per mode in ``recipes/`` (paths relative to the recipe file).
@@ -50,9 +53,12 @@ class DemoConfig:
     digit_pools: tuple[int, int, int] = (2500, 1500, 1000)  # teacher-train, unlabeled, validation digits
     mosaics: tuple[int, int, int] = (4000, 3000, 1000)  # images per split
     teacher_width: int = 16
+    pretrain_images: int = 4000  # single-digit images from sklearn's digits, for the shared backbone
+    pretrain_epochs: int = 3
     teacher_epochs: int = 5
     batch_size: int = 64
-    learning_rate: float = 3e-3
+    learning_rate: float = 3e-3  # pre-training
+    finetune_learning_rate: float = 3e-3  # the teachers, from the pre-trained backbone
     teachers: list[tuple[str, list[int]]] = field(
         default_factory=lambda: [("digits_0to4", [0, 1, 2, 3, 4]), ("digits_5to9", [5, 6, 7, 8, 9])]
     )
@@ -60,7 +66,8 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> "DemoConfig":
         """A tiny workspace in seconds, for tests and for trying the commands (weaker teachers)."""
-        return cls(digit_pools=(1500, 500, 300), mosaics=(1500, 300, 200), teacher_width=8, teacher_epochs=6)
+        return cls(digit_pools=(1500, 500, 300), mosaics=(1500, 300, 200), teacher_width=8, pretrain_images=1000,
+                   pretrain_epochs=2, teacher_epochs=6)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +76,27 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
     x, y = mnist_data()
     return x.reshape(-1, CELL, CELL).astype(np.uint8), y.astype(np.int64)
+
+
+def load_pretraining_digits() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 1797 8x8 digits (another dataset than the demo's), upscaled to 28x28 uint8."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    data = sklearn_digits()
+    small = (data.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(img, mode="L").resize((CELL - 8, CELL - 8), Image.BILINEAR))
+                    for img in small])
+    return np.pad(big, ((0, 0), (4, 4), (4, 4))), data.target.astype(np.int64)  # MNIST-like 4-pixel margin
+
+
+def compose_single_digits(digits: np.ndarray, labels: np.ndarray, count: int, rng: np.random.Generator):
+    """``count`` 56x56 images with one digit in a random cell of the 2x2 grid, and its class."""
+    images = np.zeros((count, SIZE, SIZE), dtype=np.uint8)
+    picks = rng.integers(0, len(digits), size=count)
+    for i, (pick, cell) in enumerate(zip(picks, rng.integers(0, 4, size=count))):
+        r, c = divmod(int(cell), 2)
+        images[i, r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = digits[pick]
+    return images, labels[picks]
 
 
 def compose_mosaics(digits: np.ndarray, labels: np.ndarray, count: int, rng: np.random.Generator):
@@ -99,26 +127,39 @@ def _write_split(folder: Path, images: np.ndarray, targets: np.ndarray | None) -
 
 
 def train_teacher(images: np.ndarray, targets: np.ndarray, preprocessing: Preprocessing, config: DemoConfig,
-                  device: torch.device, log: Log, title: str) -> torch.nn.Module:
-    """Supervised multi-label training (BCE) of a SmallNet on grayscale mosaics (replicated to RGB)."""
+                  device: torch.device, log: Log, title: str, epochs: int | None = None,
+                  start_from: dict | None = None, learning_rate: float | None = None) -> torch.nn.Module:
+    """Supervised training of a SmallNet on grayscale images (replicated to RGB).
+
+    ``targets`` (N, L) 0/1: multi-label (BCE); (N,) class indices: multi-class (cross entropy).
+    ``start_from``: a state dict to fine-tune from (every weight but the classifier's).
+    """
     torch.manual_seed(config.seed)
-    model = build_model("smallnet", targets.shape[1], width=config.teacher_width).to(device)
+    multiclass = targets.ndim == 1
+    outputs = int(targets.max()) + 1 if multiclass else targets.shape[1]
+    model = build_model("smallnet", outputs, width=config.teacher_width)
+    if start_from is not None:
+        model.load_state_dict({k: v for k, v in start_from.items() if not k.startswith("fc.")}, strict=False)
+    model.to(device)
+    epochs = epochs or config.teacher_epochs
     x_all = torch.from_numpy(images).unsqueeze(1)
-    y_all = torch.from_numpy(targets).float()
+    y_all = torch.from_numpy(targets) if multiclass else torch.from_numpy(targets).float()
+    loss_fn = F.cross_entropy if multiclass else F.binary_cross_entropy_with_logits
     steps_per_epoch = (len(images) + config.batch_size - 1) // config.batch_size
-    total = steps_per_epoch * config.teacher_epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=total, pct_start=0.15)
+    total = steps_per_epoch * epochs
+    learning_rate = learning_rate or config.learning_rate
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=total, pct_start=0.15)
     generator = torch.Generator().manual_seed(config.seed)
     start, step = time.monotonic(), 0
     model.train()
-    for epoch in range(config.teacher_epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         running = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
             x = preprocessing(x_all[idx].expand(-1, 3, -1, -1).to(device))
-            loss = F.binary_cross_entropy_with_logits(model(x), y_all[idx].to(device))
+            loss = loss_fn(model(x), y_all[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -127,7 +168,7 @@ def train_teacher(images: np.ndarray, targets: np.ndarray, preprocessing: Prepro
             step += 1
         elapsed = time.monotonic() - start
         eta = elapsed / step * (total - step)
-        log(f"  {title}: epoch {epoch + 1}/{config.teacher_epochs}  loss {running / steps_per_epoch:.4f}  "
+        log(f"  {title}: epoch {epoch + 1}/{epochs}  loss {running / steps_per_epoch:.4f}  "
             f"{step * config.batch_size / elapsed:.0f} img/s  elapsed {elapsed:.0f}s  ETA {eta:.0f}s")
     return model.eval().cpu()
 
@@ -240,10 +281,17 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
     preprocessings = [Preprocessing(SIZE, (digit_mean,) * 3, (digit_std,) * 3),  # the native bundle's own
                       Preprocessing(SIZE, IMAGENET_MEAN, IMAGENET_STD)]  # what a foreign checkpoint defaults to
     native, foreign = teacher_paths(root, config)
+    pre_digits, pre_labels = load_pretraining_digits()
+    pre_images, pre_classes = compose_single_digits(pre_digits, pre_labels, config.pretrain_images, rng)
+    log(f"Pre-training the shared backbone on sklearn's digits ({len(pre_images)} single-digit images, "
+        f"{config.pretrain_epochs} epochs, {device}) …")
+    backbone = train_teacher(pre_images, pre_classes, preprocessings[0], config, device, log, "backbone",
+                             epochs=config.pretrain_epochs).state_dict()
     for (name, digit_set), preprocessing, path in zip(config.teachers, preprocessings, (native, foreign)):
-        log(f"Training teacher {name} on labels {', '.join(DIGIT_NAMES[d] for d in digit_set)} "
+        log(f"Fine-tuning teacher {name} on labels {', '.join(DIGIT_NAMES[d] for d in digit_set)} "
             f"({len(train_images)} images, {config.teacher_epochs} epochs, {device}) …")
-        model = train_teacher(train_images, train_targets[:, digit_set], preprocessing, config, device, log, name)
+        model = train_teacher(train_images, train_targets[:, digit_set], preprocessing, config, device, log, name,
+                              start_from=backbone, learning_rate=config.finetune_learning_rate)
         teacher = Teacher(name, "smallnet", [DIGIT_NAMES[d] for d in digit_set], "multilabel", preprocessing,
                           model, arch_kwargs={"width": model.width, "depth": list(model.depth)})
         if path == native:

@@ -2,14 +2,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from kamal_engine.backbones import build_model, split_model
 from kamal_engine.errors import KamalError
 from kamal_engine.filters import FeatureAdapter, TeacherFilter, build_filter, filter_spec
 from kamal_engine.preprocessing import Preprocessing
 from kamal_engine.selection import TaskSelection
-from kamal_engine.targetnet import (Branch, BranchSpec, Student, TargetNet, TaskGroup, build_branch,
+from kamal_engine.targetnet import (BranchSpec, Student, TargetNet, TaskGroup, build_branch,
                                     choose_branch_points, load_student)
 from kamal_engine.teacher import Teacher
 

@@ -12,7 +12,7 @@ from torch import nn
 from ..events import CancelToken, Emit
 from ..preprocessing import Preprocessing
 from ..selection import TaskSelection
-from ..training import MetricsLog, StepLoop, UnlabeledImages
+from ..training import MetricsLog, StepLoop, UnlabeledImages, autocast, task_losses
 
 
 @dataclass
@@ -58,6 +58,36 @@ class RunContext:
     def sgd(self, parameters, lr: float) -> torch.optim.Optimizer:
         p = self.params
         return torch.optim.SGD(parameters, lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"])
+
+    def batch_losses(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        """Per-task soft-target losses (Eq. 7's terms) of ``forward`` on images ``idx``; ``forward`` maps
+        uint8 images to the logits of every selected output in label order."""
+        with autocast(self.device, self.precision):
+            logits = forward(self.images.images[idx].to(self.device))
+        return task_losses(logits, self.all_targets(idx), self.selection.tasks)
+
+    def soft_target_step(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
+                         optimizer: torch.optim.Optimizer, schedule) -> dict[str, float]:
+        """One SGD step on Eq. 7, ``L = 1/|C| Σ_tasks ℓ``; returns the logged losses."""
+        per_task = self.batch_losses(forward, idx)
+        loss = per_task.sum() / len(self.selection.tasks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        return loss_dict(loss, per_task, self.selection)
+
+
+def loss_dict(loss: torch.Tensor, per_task: torch.Tensor, selection: TaskSelection) -> dict[str, float]:
+    """``{"loss", "teacher:<name>" (mean over its tasks), "task:<name>"}`` for metrics and events."""
+    values = per_task.detach().cpu().tolist()
+    out = {"loss": float(loss.detach())}
+    for n, teacher in enumerate(selection.teachers):
+        idx = [i for i, t in enumerate(selection.tasks) if t.teacher == n]
+        if idx:
+            out[f"teacher:{teacher.name}"] = sum(values[i] for i in idx) / len(idx)
+    out.update({f"task:{t.name}": v for t, v in zip(selection.tasks, values)})
+    return out
 
 
 def steps_per_epoch(n_images: int, batch_size: int) -> int:

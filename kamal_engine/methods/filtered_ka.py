@@ -33,7 +33,7 @@ from ..errors import KamalError
 from ..events import BlockConverged, BranchPlanChosen, StageStarted
 from ..filters import build_filter, filter_spec
 from ..targetnet import Branch, BranchSpec, TargetNet, TaskGroup, choose_branch_points
-from ..training import autocast, poly_schedule, set_mode, task_losses
+from ..training import poly_schedule, set_mode
 from . import MethodInfo, MethodResult, Param
 from .common import RunContext, copy_module, steps_per_epoch
 
@@ -125,15 +125,7 @@ def run(ctx: RunContext) -> MethodResult:
         generator = torch.Generator().manual_seed(ctx.phase_seed(k))
 
         def step(idx, k=k, fk=fk, optimizer=optimizer, schedule=schedule):
-            with autocast(device, ctx.precision):
-                logits = forward_tasks(k, images.images[idx].to(device), fk)
-            per_task = task_losses(logits, ctx.all_targets(idx), selection.tasks)
-            loss = per_task.sum() / n_tasks
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            return _loss_dict(loss, per_task, selection)
+            return ctx.soft_target_step(lambda x: forward_tasks(k, x, fk), idx, optimizer, schedule)
 
         for epoch in range(1, p["epochs_per_block"] + 1):
             loop.run_epoch(images.batches(batch, generator), step, "amalgamate", k, epoch)
@@ -145,9 +137,7 @@ def run(ctx: RunContext) -> MethodResult:
             for start in range(0, len(images), 128):
                 ctx.cancel.check()
                 idx = torch.arange(start, min(start + 128, len(images)))
-                with autocast(device, ctx.precision):
-                    logits = forward_tasks(k, images.images[idx].to(device), fk)
-                sums += task_losses(logits, ctx.all_targets(idx), selection.tasks).cpu() * len(idx)
+                sums += ctx.batch_losses(lambda x: forward_tasks(k, x, fk), idx).cpu() * len(idx)
         values = {t.name: float(v) for t, v in zip(selection.tasks, sums / len(images))}
         for task, value in values.items():
             converged[task].append(value)
@@ -193,15 +183,7 @@ def run(ctx: RunContext) -> MethodResult:
         generator = torch.Generator().manual_seed(ctx.phase_seed(phase))
 
         def finetune_step(idx):
-            with autocast(device, ctx.precision):
-                logits = net(ctx.student_preprocessing(images.images[idx].to(device)))
-            per_task = task_losses(logits, ctx.all_targets(idx), selection.tasks)
-            loss = per_task.sum() / n_tasks
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            return _loss_dict(loss, per_task, selection)
+            return ctx.soft_target_step(lambda x: net(ctx.student_preprocessing(x)), idx, optimizer, schedule)
 
         for epoch in range(1, p["finetune_epochs"] + 1):
             loop.run_epoch(images.batches(batch, generator), finetune_step, "finetune", None, epoch)
@@ -209,17 +191,6 @@ def run(ctx: RunContext) -> MethodResult:
                              "targetnet": net.state_dict()})
     net.eval()
     return MethodResult(net, granularity, report)
-
-
-def _loss_dict(loss: torch.Tensor, per_task: torch.Tensor, selection) -> dict[str, float]:
-    values = per_task.detach().cpu().tolist()
-    out = {"loss": float(loss.detach())}
-    for n, teacher in enumerate(selection.teachers):
-        idx = [i for i, t in enumerate(selection.tasks) if t.teacher == n]
-        if idx:
-            out[f"teacher:{teacher.name}"] = sum(values[i] for i in idx) / len(idx)
-    out.update({f"task:{t.name}": v for t, v in zip(selection.tasks, values)})
-    return out
 
 
 METHOD = MethodInfo(

@@ -16,10 +16,9 @@ import torch
 from ..backbones import split_model
 from ..events import StageStarted
 from ..targetnet import Branch, BranchSpec, TargetNet, TaskGroup
-from ..training import autocast, poly_schedule, set_mode, task_losses
+from ..training import poly_schedule, set_mode
 from . import MethodInfo, MethodResult, Param
 from .common import RunContext, steps_per_epoch
-from .filtered_ka import _loss_dict
 
 
 def run(ctx: RunContext) -> MethodResult:
@@ -48,18 +47,9 @@ def run(ctx: RunContext) -> MethodResult:
     if done:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-    n_tasks = len(selection.tasks)
 
     def step(idx):
-        with autocast(device, ctx.precision):
-            logits = target(ctx.student_preprocessing(images.images[idx].to(device)))
-        per_task = task_losses(logits, ctx.all_targets(idx), selection.tasks)
-        loss = per_task.sum() / n_tasks
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        return _loss_dict(loss, per_task, selection)
+        return ctx.soft_target_step(lambda x: target(ctx.student_preprocessing(x)), idx, optimizer, schedule)
 
     for epoch in range(done + 1, p["epochs"] + 1):
         torch.manual_seed(ctx.phase_seed(epoch))
