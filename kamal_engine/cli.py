@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -292,12 +293,22 @@ def cmd_run(args) -> int:
         recipe.output_dir = Path(args.output).resolve()
     cancel = CancelToken()
     printer = None if args.json else ProgressPrinter()
+
+    def on_interrupt(signum, frame):  # first Ctrl-C: stop after the current step; second: at once
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+        print("\nkamal: stopping after this step (Ctrl-C again to stop at once) …", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         result = run_recipe(recipe, resume=args.resume, restart=args.restart,
                             emit=printer or (lambda event: None), cancel=cancel)
     except (RunCancelled, KeyboardInterrupt):
         print("kamal: interrupted; the finished blocks are kept: continue with kamal run --resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     report = result.report
     if args.json:
         _print_json({"output_dir": str(result.output_dir), **report})

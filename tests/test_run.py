@@ -114,3 +114,31 @@ def test_cli_run_and_resume_messages(quick_demo, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "cli" / "student.kamal.pt"), "--data", str(csv_path), "--json"]) == 0
     evaluation = json.loads(capsys.readouterr().out)
     assert evaluation["mean_ap"] == pytest.approx(report["validation"]["student"]["mean_ap"], abs=1e-6)
+
+
+def test_ctrl_c_in_kamal_run_stops_cleanly_and_resume_finishes(quick_demo, tmp_path, capsys):
+    import os
+    import signal
+    import threading
+
+    from kamal_engine import events
+
+    root, _ = quick_demo
+    recipe = tiny_recipe(root, tmp_path / "sigint")
+    original = events.BlockConverged.__init__
+
+    def interrupt_after_block_1(self, *args, **kwargs):  # a user pressing Ctrl-C after block 1
+        original(self, *args, **kwargs)
+        if self.block == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    events.BlockConverged.__init__ = interrupt_after_block_1
+    try:
+        assert threading.current_thread() is threading.main_thread()
+        assert main(["run", str(recipe)]) == 130
+    finally:
+        events.BlockConverged.__init__ = original
+    assert "stopping after this step" in capsys.readouterr().err
+    assert not (tmp_path / "sigint" / "student.kamal.pt").exists()
+    assert main(["run", str(recipe), "--resume"]) == 0
+    assert (tmp_path / "sigint" / "student.kamal.pt").exists()
