@@ -151,7 +151,10 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, e
 
 def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: CancelToken) -> RunResult:
     started = time.monotonic()
-    method = get_method(recipe.method)
+    try:
+        method = get_method(recipe.method)
+    except KamalError as exc:
+        raise recipe.error(str(exc), "method", "id") from None
     if method.mode != recipe.mode:
         raise recipe.error(f"method '{method.id}' works in {method.mode} mode but [data].mode is '{recipe.mode}'",
                            "method", "id")

@@ -22,6 +22,11 @@ def tiny_recipe(root, out, method="filtered-ka", params=None):
     return path
 
 
+def _with_method(path, method_id):
+    path.write_text(path.read_text().replace('id = "filtered-ka"', f'id = "{method_id}"'))
+    return path
+
+
 def state(student):
     return {k: v.clone() for k, v in student.net.state_dict().items()}
 
@@ -95,6 +100,8 @@ def test_kd_baseline_run(quick_demo, tmp_path):
 
 def test_method_parameter_errors_name_the_line(quick_demo, tmp_path):
     root, _ = quick_demo
+    with pytest.raises(RecipeError, match=r"line \d+: \[method\]\.id: unknown method 'dual-gun'; available: filtered-ka"):
+        run_recipe(load_recipe(_with_method(tiny_recipe(root, tmp_path / "x", params=""), "dual-gun")))
     with pytest.raises(RecipeError, match=r"\[method\]\.epochs_per_blok: unknown parameter for method 'filtered-ka'"):
         run_recipe(load_recipe(tiny_recipe(root, tmp_path / "x", params="epochs_per_blok = 2")))
     with pytest.raises(RecipeError, match=r"line \d+: \[method\]\.batch_size: expected a value ≥ 2"):
