@@ -179,8 +179,7 @@ def cmd_demo(args) -> int:
         _log(f"The demo workspace in {root} is already built (--force rebuilds it); evaluating its teachers …")
         manifest = json.loads((root / demo.MANIFEST).read_text())
         results = demo.evaluate_demo_teachers(root, config, device)
-        manifest["teachers"] = [{"name": t.name, "file": str(t.source.relative_to(root)), "labels": t.labels,
-                                 "validation": ev.to_dict()} for t, ev in results]
+        manifest["teachers"] = demo.teacher_summaries(root, results)
     else:
         for part in ("data", "teachers", "recipes", demo.MANIFEST):  # only what the builder itself writes
             target = root / part

@@ -255,6 +255,12 @@ def evaluate_demo_teachers(root: Path, config: DemoConfig | None = None, device:
     return [(t, evaluate_teacher(t, validation, device=device)) for t in load_demo_teachers(root, config)]
 
 
+def teacher_summaries(root: Path, results: list[tuple[Teacher, Evaluation]]) -> list[dict]:
+    """The manifest's entry for each evaluated teacher."""
+    return [{"name": t.name, "file": str(t.source.relative_to(root)), "labels": t.labels,
+             "validation": ev.to_dict()} for t, ev in results]
+
+
 def build_demo(root: str | Path, config: DemoConfig | None = None, device: str | torch.device = "cpu",
                log: Log = print) -> dict:
     """Build the workspace under ``root`` and return its manifest (also written to ``demo.json``)."""
@@ -308,8 +314,7 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
         "engine_version": __version__,
         "config": asdict(config),
         "splits": {name: {"images": len(images)} for name, (images, _) in splits.items()},
-        "teachers": [{"name": t.name, "file": str(t.source.relative_to(root)), "labels": t.labels,
-                      "validation": ev.to_dict()} for t, ev in results],
+        "teachers": teacher_summaries(root, results),
         "recipes": [str(p.relative_to(root)) for p in recipes],
         "build_seconds": round(time.monotonic() - started, 1),
     }

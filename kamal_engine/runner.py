@@ -49,10 +49,17 @@ class Checkpointer:
         self.path, self.method = path, method
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self._state: dict[str, Any] | None = None
+        self._file: dict[str, Any] | None = None
+
+    def _read(self) -> dict[str, Any] | None:
+        """The checkpoint file's contents, read once."""
+        if self._file is None and self.path.exists():
+            self._file = torch.load(self.path, map_location="cpu", weights_only=True)
+        return self._file
 
     def load(self) -> dict[str, Any] | None:
-        if self._state is None and self.path.exists():
-            data = torch.load(self.path, map_location="cpu", weights_only=True)
+        if self._state is None and self._read() is not None:
+            data = self._read()
             if data.get("format") != CHECKPOINT_FORMAT or data.get("method") != self.method:
                 raise KamalError(f"is not a checkpoint of a '{self.method}' run; start over with --restart", self.path)
             saved = json.loads(data.get("fingerprint", "{}"))
@@ -74,9 +81,8 @@ class Checkpointer:
             self.save(self._state, finished=True)
 
     def is_unfinished(self) -> bool:
-        if not self.path.exists():
-            return False
-        return not torch.load(self.path, map_location="cpu", weights_only=True).get("finished", False)
+        data = self._read()
+        return data is not None and not data.get("finished", False)
 
 
 @dataclass
