@@ -145,6 +145,19 @@ def cmd_eval(args) -> int:
     from .runner import evaluate_student
     from .targetnet import STUDENT_FORMAT, student_from_bundle
 
+    from .runtime import is_onnx_path, load_onnx
+
+    if is_onnx_path(args.model):
+        data = read_labelled(args.data)
+        model = load_onnx(args.model, _provider_for_device(args.device))
+        evaluation = evaluate_student(model, data)
+        title = f"exported student (ONNX Runtime, {model.provider}, {len(model.labels)} labels)"
+        if args.json:
+            _print_json({"model": str(model.path), "data": str(data.source), "runtime": model.runtime,
+                         "provider": model.provider, **evaluation.to_dict()})
+        else:
+            _print_evaluation(evaluation, f"{title} on {data.source} ({evaluation.n_images} images)")
+        return 0
     raw = read_checkpoint(args.model, trust=args.trust)
     data = read_labelled(args.data)
     device = resolve_device(args.device)
@@ -160,6 +173,65 @@ def cmd_eval(args) -> int:
         _print_json({"model": str(raw.path), "data": str(data.source), **evaluation.to_dict()})
     else:
         _print_evaluation(evaluation, f"{title} on {data.source} ({evaluation.n_images} images)")
+    return 0
+
+
+def _provider_for_device(device: str) -> str:
+    """``kamal eval --device`` for an ``.onnx``: auto, cpu, or cuda (any cuda:N)."""
+    device = (device or "auto").lower()
+    return "cuda" if device.startswith("cuda") else device
+
+
+# --- kamal export / predict ----------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+    from .targetnet import load_student
+
+    student = load_student(args.student)
+    result = export_onnx(student, args.onnx, opset=args.opset, fp16=args.fp16, log=None if args.json else _log)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in result.max_abs_diff.items())
+    print(f"Wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset}"
+          f"{', fp16' if result.fp16 else ''}, one file) in {result.seconds:.1f} s")
+    print(f"onnx.checker: passed. ONNX Runtime vs PyTorch on {result.batch} images, max |difference|: {diffs} "
+          f"(allowed {result.tolerance:g} on the {result.checked})")
+    print(f"Input 'image' (N, 3, {', '.join(map(str, student.preprocessing.input_size))}) float32, normalised with "
+          f"mean {list(student.preprocessing.mean)} std {list(student.preprocessing.std)}; outputs 'logits' and "
+          f"'probabilities' over {len(student.labels)} labels: {', '.join(student.labels)}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from .data import load_image
+    from .runtime import load_predictor, positive_labels
+
+    if not 0.0 <= args.threshold <= 1.0:
+        raise KamalError(f"--threshold must be between 0 and 1, got {args.threshold}")
+    model = load_predictor(args.model, args.provider)
+    size = model.preprocessing.input_size
+    images = [load_image(path, size) for path in args.images]
+    results = []
+    for start in range(0, len(images), args.batch_size):
+        batch = torch.stack(images[start:start + args.batch_size])
+        for path, probabilities in zip(args.images[start:start + args.batch_size], model.predict(batch).tolist()):
+            results.append({"image": str(path), "probabilities": dict(zip(model.labels, probabilities)),
+                            "positive": positive_labels(model, probabilities, args.threshold)})
+    runtime = "ONNX Runtime" if model.runtime == "onnxruntime" else "PyTorch"
+    if args.json:
+        _print_json({"model": str(args.model), "runtime": model.runtime, "provider": model.provider,
+                     "threshold": args.threshold, "labels": model.labels, "images": results})
+        return 0
+    _log(f"{runtime} on {model.provider}")
+    names = [Path(r["image"]).name for r in results]
+    rows = [[name] + [f"{p:.3f}{'*' if label in r['positive'] else ' '}" for label, p in r["probabilities"].items()]
+            + [", ".join(r["positive"]) or "-"] for name, r in zip(names, results)]
+    print(format_table(["image"] + model.labels + [f"predicted (* >= {args.threshold:g})"], rows,
+                       right=tuple(range(1, len(model.labels) + 1))))
     return 0
 
 
@@ -267,7 +339,8 @@ class ProgressPrinter:
                            "evaluate-branch-points": "Evaluating every branch point on the validation set …",
                            "finetune": f"Fine-tuning the TargetNet: {event.epochs} epochs",
                            "train": f"Training: {event.epochs} epochs",
-                           "evaluate": "Evaluating the teachers and the student …"}.get(event.stage, event.stage))
+                           "evaluate": "Evaluating the teachers and the student …",
+                           "export": "Exporting the student to ONNX and checking it with ONNX Runtime …"}.get(event.stage, event.stage))
         elif isinstance(event, ev.BlockConverged):
             values = ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
             self.line(f"  converged loss at {event.block_name}: {values}")
@@ -311,7 +384,7 @@ def cmd_run(args) -> int:
     report = result.report
     if args.json:
         _print_json({"output_dir": str(result.output_dir), **report})
-        return 0
+        return 1 if (report.get("onnx") or {}).get("error") else 0
     print(f"\nOutputs in {result.output_dir}: student.kamal.pt, report.json, metrics.csv, recipe.toml")
     if report.get("branch_points"):
         print("Branch points: " + ", ".join(f"{k} → {v}" for k, v in report["branch_points"].items()))
@@ -327,11 +400,17 @@ def cmd_run(args) -> int:
         rows.append(["mAP", _fmt(sum(teacher_maps) / len(teacher_maps)) if teacher_maps else "n/a",
                      _fmt(val["student"]["mean_ap"]), ""])
         print(format_table(["label", "teacher AP", "student AP", "difference"], rows, right=(1, 2, 3)))
+    onnx = report.get("onnx")
+    if onnx and onnx.get("error"):
+        print(f"kamal: the ONNX export asked for in [export] failed (the student bundle is saved): {onnx['error']}",
+              file=sys.stderr)
+    elif onnx:
+        print(f"ONNX: {onnx['path']} (max |ONNX Runtime - PyTorch| {max(onnx['max_abs_diff'].values()):.2e})")
     size = report["size"]
     teachers_params = sum(v["parameters"] for v in size["teachers"].values())
     print(f"Student: {size['student']['parameters']:,} parameters ({size['student_vs_teachers_parameters']:.2f} x the "
           f"teachers' {teachers_params:,}), {_si(size['student']['flops'])}FLOPs per image")
-    return 0
+    return 1 if onnx and onnx.get("error") else 0
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -367,13 +446,41 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate MODEL on labelled data: a CSV (image column + one 0/1 column per "
                        "label) gives per-label AP and mAP for a multi-label model; a folder of class folders "
                        "gives top-1 accuracy for a multi-class model. Labels are matched by name.")
-    p.add_argument("model", help="student bundle (student.kamal.pt from kamal run) or teacher checkpoint file")
+    p.add_argument("model", help="student bundle (student.kamal.pt from kamal run), exported student (.onnx, run in "
+                   "ONNX Runtime) or teacher checkpoint file")
     p.add_argument("--data", required=True, metavar="CSV|DIR", help="labelled CSV or class-folder tree")
     _add_checkpoint_options(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a student bundle to one ONNX file, verified with ONNX Runtime",
+                       description="Export STUDENT (student.kamal.pt from kamal run) to a single self-contained "
+                       "ONNX file: input 'image' (N, 3, H, W) float32 normalised with the student's mean/std, "
+                       "dynamic N; outputs 'logits' and 'probabilities'; labels, task types, input size, mean/std "
+                       "and engine version in the metadata. The file is written only if onnx.checker passes and "
+                       "ONNX Runtime agrees with PyTorch within 1e-4 (1e-2 on probabilities with --fp16).")
+    p.add_argument("student", help="student bundle (student.kamal.pt)")
+    p.add_argument("--onnx", required=True, metavar="OUT", help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or later (default: 18)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and compute (input/outputs stay float32)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="per-label probabilities for images, with a student bundle or an .onnx",
+                       description="Predict IMAGE files with MODEL: a student bundle (runs in PyTorch) or an "
+                       "exported .onnx (runs in ONNX Runtime). Preprocessing comes from the model. Prints one row "
+                       "per image with every label's probability; '*' marks those at or above the threshold (for "
+                       "a multi-class task: its most probable class). The runtime and provider used are reported.")
+    p.add_argument("model", help="student bundle (student.kamal.pt) or exported .onnx")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability marking a label present (default 0.5)")
+    p.add_argument("--provider", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto: CUDA when available, else the CPU (default); cuda; cpu")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("run", help="run a recipe: amalgamate the teachers into a student",
                        description="Run RECIPE (a TOML file, see the README): train the student, write "

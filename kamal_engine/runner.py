@@ -30,6 +30,7 @@ from .errors import KamalError
 from .evaluation import Evaluation, evaluate
 from .events import (CancelToken, Cancelled, Emit, Evaluated, Failed, Finished, Progress, RunCancelled, RunStarted,
                      StageStarted)
+from .export import export_onnx
 from .methods import get_method, resolve_params
 from .methods.common import RunContext
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -246,19 +247,34 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
         ev = evaluate_student(student, validation, device)
         report["validation"]["student"] = ev.to_dict()
         emit(Evaluated("student", ev.ap, ev.mean_ap, ev.accuracy))
+    summary = {"student": str(out / "student.kamal.pt")}
+    if recipe.onnx:  # [export]: the ONNX file, verified against PyTorch (a failure keeps the student)
+        emit(StageStarted("export"))
+        try:
+            exported = export_onnx(student, recipe.onnx, opset=recipe.opset, fp16=recipe.fp16)
+            report["onnx"] = exported.to_dict()
+            summary["onnx"] = str(exported.path)
+        except KamalError as exc:
+            report["onnx"] = {"path": str(recipe.onnx), "error": str(exc)}
+            summary["onnx_error"] = str(exc)
     report["seconds"] = round(time.monotonic() - started, 1)
     report = _clean(report)
     atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     checkpointer.mark_finished()
-    emit(Finished(str(out), {"student": str(out / "student.kamal.pt"), "seconds": report["seconds"]}))
+    emit(Finished(str(out), {**summary, "seconds": report["seconds"]}))
     return RunResult(out, student, report)
 
 
-def evaluate_student(student: Student, data, device) -> Evaluation:
-    """The student on ``data``: its outputs whose task type matches the data (CSV: multi-label ones)."""
-    student.net.to(device)
-    positions = [p for g in student.net.groups if g.kind == data.task for p in g.positions]
-    if data.task == "multiclass" and len({g.name for g in student.net.groups if g.kind == "multiclass"}) > 1:
+def evaluate_student(student, data, device=None) -> Evaluation:
+    """A student on ``data``: its outputs whose task type matches the data (CSV: multi-label ones).
+
+    ``student`` is a :class:`Student` (moved to ``device``) or any predictor with ``labels``,
+    ``groups``, ``preprocessing`` and ``predict`` (e.g. an exported ``.onnx`` in ONNX Runtime).
+    """
+    if isinstance(student, Student) and device is not None:
+        student.net.to(device)
+    positions = [p for g in student.groups if g.kind == data.task for p in g.positions]
+    if data.task == "multiclass" and len({g.name for g in student.groups if g.kind == "multiclass"}) > 1:
         raise KamalError("the student has several multi-class tasks; a class-folder set can evaluate only one",
                          data.source)
     if not positions:
@@ -266,7 +282,12 @@ def evaluate_student(student: Student, data, device) -> Evaluation:
         raise KamalError(f"is a {kind} set but the student has no {kind} outputs", data.source)
     index = torch.tensor(positions)
     labels = [student.labels[p] for p in positions]
-    return evaluate(lambda x: student.predict(x)[:, index.to(x.device)], labels, data.task,
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        probabilities = student.predict(x)
+        return probabilities[:, index.to(probabilities.device)]
+
+    return evaluate(predict, labels, data.task,
                     student.preprocessing.input_size, data)
 
 

@@ -161,6 +161,10 @@ class Student:
     def labels(self) -> list[str]:
         return self.net.labels
 
+    @property
+    def groups(self) -> list[TaskGroup]:
+        return self.net.groups
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities for uint8 images ``(N, 3, H, W)``."""
