@@ -195,3 +195,20 @@ def test_export_cli_reports_the_check(quick_student, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "onnx.checker: passed" in text and "max |difference|" in text and (tmp_path / "s.onnx").is_file()
     assert load_predictor(tmp_path / "s.onnx", "cpu").runtime == "onnxruntime"
+
+
+def test_a_failed_export_in_a_run_keeps_the_student_and_exits_1(quick_demo, tmp_path, monkeypatch, capsys):
+    root, _ = quick_demo
+    monkeypatch.setattr(export, "FP32_TOLERANCE", 0.0)
+    text = (root / "recipes" / "filtered-ka.toml").read_text()
+    text = text.replace('id = "filtered-ka"', 'id = "kd"\nepochs = 1\nbatch_size = 64')
+    text = text.replace('output_dir = "../runs/filtered-ka"', f'output_dir = "{tmp_path / "run"}"')
+    text = text.replace('onnx = "../runs/filtered-ka/student.onnx"', f'onnx = "{tmp_path / "run" / "s.onnx"}"')
+    recipe = root / "recipes" / "test-failed-export.toml"
+    recipe.write_text(text)
+    assert main(["run", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert "the ONNX export asked for in [export] failed (the student bundle is saved)" in err
+    assert (tmp_path / "run" / "student.kamal.pt").is_file() and not (tmp_path / "run" / "s.onnx").exists()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "disagree" in report["onnx"]["error"]
