@@ -331,16 +331,7 @@ class ProgressPrinter:
             resumed = f", resuming from {event.resumed_from}" if event.resumed_from else ""
             self.line(f"Run '{event.name}': {event.method} on {event.device} → {event.output_dir}{resumed}")
         elif isinstance(event, ev.StageStarted):
-            if event.block:
-                self.line(f"Block {event.block}/{event.blocks} ({event.block_name}): {event.epochs} epochs")
-            else:
-                self.line({"load-images": "Loading the unlabeled images …",
-                           "teacher-targets": "Computing the teachers' predictions …",
-                           "evaluate-branch-points": "Evaluating every branch point on the validation set …",
-                           "finetune": f"Fine-tuning the TargetNet: {event.epochs} epochs",
-                           "train": f"Training: {event.epochs} epochs",
-                           "evaluate": "Evaluating the teachers and the student …",
-                           "export": "Exporting the student to ONNX and checking it with ONNX Runtime …"}.get(event.stage, event.stage))
+            self.line(ev.describe_stage(event))
         elif isinstance(event, ev.BlockConverged):
             values = ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
             self.line(f"  converged loss at {event.block_name}: {values}")
@@ -407,7 +398,7 @@ def cmd_run(args) -> int:
     elif onnx:
         print(f"ONNX: {onnx['path']} (max |ONNX Runtime - PyTorch| {max(onnx['max_abs_diff'].values()):.2e})")
     size = report["size"]
-    teachers_params = sum(v["parameters"] for v in size["teachers"].values())
+    teachers_params = round(size["student"]["parameters"] / size["student_vs_teachers_parameters"])
     print(f"Student: {size['student']['parameters']:,} parameters ({size['student_vs_teachers_parameters']:.2f} x the "
           f"teachers' {teachers_params:,}), {_si(size['student']['flops'])}FLOPs per image")
     return 1 if onnx and onnx.get("error") else 0

@@ -33,6 +33,25 @@ class StageStarted:
     steps: int = 0
 
 
+STAGE_TITLES = {
+    "load-images": "Loading the unlabeled images …",
+    "teacher-targets": "Computing the teachers' predictions …",
+    "evaluate-branch-points": "Evaluating every branch point on the validation set …",
+    "finetune": "Fine-tuning the TargetNet",
+    "train": "Training",
+    "evaluate": "Evaluating the teachers and the student …",
+    "export": "Exporting the student to ONNX and checking it with ONNX Runtime …",
+}
+
+
+def describe_stage(event: StageStarted) -> str:
+    """A one-line, human description of a stage (the CLI and the app print the same)."""
+    if event.block:
+        return f"Block {event.block}/{event.blocks} ({event.block_name}): {event.epochs} epochs"
+    title = STAGE_TITLES.get(event.stage, event.stage)
+    return f"{title}: {event.epochs} epochs" if event.epochs and not title.endswith("…") else title
+
+
 @dataclass
 class Progress:
     """Progress of work that is not a training step (loading images, teacher predictions)."""

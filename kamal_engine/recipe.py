@@ -247,8 +247,8 @@ def parse_recipe(text: str, path: str | os.PathLike | None = None, *, check_file
             raise recipe.error("missing key 'checkpoint' (the teacher's file)", "teachers", None, i)
         entry = TeacherEntry(existing(t["checkpoint"], "teachers", "checkpoint", i, folder=False))
         if "select" in t:
-            entry.select = _check(t["select"], lambda v: _is_str_list(v) and len(v) > 0,
-                                  "a non-empty list of label names", recipe, "teachers", "select", i)
+            entry.select = _check(t["select"], _is_str_list, "a list of label names ([]: the teacher is kept but "
+                                  "teaches nothing)", recipe, "teachers", "select", i)
         for key, kind, describe in (("name", _is_str, "a name"), ("arch", _is_str, "an architecture name"),
                                     ("task", lambda v: v in ("multilabel", "multiclass"), "multilabel or multiclass"),
                                     ("labels", _is_str_list, "a list of label names"),
@@ -292,7 +292,7 @@ def parse_recipe(text: str, path: str | os.PathLike | None = None, *, check_file
     e = data.get("export", {})
     if "onnx" in e:
         recipe.onnx = resolve(_check(e["onnx"], _is_str, "a path", recipe, "export", "onnx"))
-    recipe.opset = _check(e.get("opset", 18), lambda v: _is_int(v) and 7 <= v <= 30, "an ONNX opset from 7 to 30",
+    recipe.opset = _check(e.get("opset", 18), lambda v: _is_int(v) and 17 <= v <= 30, "an ONNX opset from 17 to 30",
                           recipe, "export", "opset")
     recipe.fp16 = _check(e.get("fp16", False), lambda v: isinstance(v, bool), "true or false", recipe, "export", "fp16")
     return recipe

@@ -236,11 +236,13 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
                               "flops": count_flops(t.model, t.preprocessing.input_size)} for t in teachers},
     }
     report["size"]["student_vs_teachers_parameters"] = report["size"]["student"]["parameters"] / sum(
-        v["parameters"] for v in report["size"]["teachers"].values())
+        report["size"]["teachers"][t.name]["parameters"] for n, t in enumerate(teachers) if selection.tasks_of(n))
     if validation is not None:
         emit(StageStarted("evaluate"))
         report["validation"] = {"data": str(recipe.validation), "teachers": {}, "student": None}
         for n, teacher in enumerate(teachers):
+            if not selection.tasks_of(n):  # kept in the recipe with select = [], teaches nothing
+                continue
             ev = evaluate_teacher_on_selection(teacher, selection, n, validation, device)
             report["validation"]["teachers"][teacher.name] = ev.to_dict()
             emit(Evaluated(teacher.name, ev.ap, ev.mean_ap, ev.accuracy))
@@ -304,3 +306,8 @@ def evaluate_teacher_on_selection(teacher, selection: TaskSelection, n: int, dat
         with torch.no_grad():
             return evaluate(predict, labels, "multiclass", teacher.preprocessing.input_size, data)
     return evaluate(lambda x: teacher.predict(x)[:, outputs], labels, teacher.task, teacher.preprocessing.input_size, data)
+
+
+def has_unfinished_run(output_dir: str | Path) -> bool:
+    """Whether ``output_dir`` holds a run that stopped before it finished (``--resume`` continues it)."""
+    return Checkpointer(Path(output_dir) / "checkpoints" / "last.pt", "").is_unfinished()

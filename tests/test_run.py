@@ -149,3 +149,18 @@ def test_ctrl_c_in_kamal_run_stops_cleanly_and_resume_finishes(quick_demo, tmp_p
     assert not (tmp_path / "sigint" / "student.kamal.pt").exists()
     assert main(["run", str(recipe), "--resume"]) == 0
     assert (tmp_path / "sigint" / "student.kamal.pt").exists()
+
+
+def test_a_teacher_with_an_empty_selection_is_kept_but_teaches_nothing(quick_demo, tmp_path):
+    root, _ = quick_demo
+    path = tiny_recipe(root, tmp_path / "empty-select")
+    text = path.read_text().replace('select = ["five", "six", "seven", "eight", "nine"]', "select = []")
+    path.write_text(text)
+    recipe = load_recipe(path)
+    assert recipe.teachers[1].select == []
+    report = run_recipe(recipe).report
+    assert report["labels"] == ["zero", "one", "two", "three", "four"]
+    assert list(report["validation"]["teachers"]) == ["digits_0to4"]
+    teacher_params = report["size"]["teachers"]["digits_0to4"]["parameters"]
+    assert report["size"]["student_vs_teachers_parameters"] == pytest.approx(
+        report["size"]["student"]["parameters"] / teacher_params, rel=1e-3)

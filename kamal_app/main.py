@@ -1,0 +1,46 @@
+"""``kamal-studio [RECIPE] [--demo-dir DIR | --no-demo]``: the desktop app."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kamal-studio", description="KAmal Studio: amalgamate pre-trained teacher "
+                                     "CNNs into one customised multi-task student, in a window.")
+    parser.add_argument("recipe", nargs="?", help="recipe to open (.toml)")
+    parser.add_argument("--demo-dir", metavar="DIR", help="open the demo workspace in DIR (built first if missing, "
+                        "with a progress dialog)")
+    parser.add_argument("--no-demo", action="store_true", help="start empty even on the first start")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from PySide6.QtCore import QSettings, QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from . import __version__
+    from .main_window import MainWindow
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setOrganizationName("KAmal Studio")
+    app.setApplicationName("kamal-studio")
+    app.setApplicationVersion(__version__)
+    settings = QSettings()
+    window = MainWindow(settings)
+    window.show()
+    first_start = not settings.value("started_before", False, type=bool)
+    settings.setValue("started_before", True)
+    if args.recipe:
+        QTimer.singleShot(0, lambda: window.open_recipe(Path(args.recipe)))
+    elif args.demo_dir or (first_start and not args.no_demo):
+        QTimer.singleShot(0, lambda: window.open_demo_workspace(Path(args.demo_dir) if args.demo_dir else None))
+    return app.exec()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

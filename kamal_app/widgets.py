@@ -1,0 +1,56 @@
+"""Small reusable widgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLineEdit, QPushButton, QWidget
+
+
+class PathEdit(QWidget):
+    """A path field with browse buttons. ``kinds``: any of "file", "folder". Emits ``edited(path or None)``."""
+
+    edited = Signal(object)
+
+    def __init__(self, kinds=("file",), file_filter: str = "", placeholder: str = "", parent=None):
+        super().__init__(parent)
+        self.file_filter = file_filter
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.line = QLineEdit()
+        self.line.setPlaceholderText(placeholder)
+        self.line.editingFinished.connect(self._typed)
+        layout.addWidget(self.line, 1)
+        self.buttons = {}
+        for kind in kinds:
+            button = QPushButton("File…" if kind == "file" and len(kinds) > 1 else
+                                 "Folder…" if kind == "folder" and len(kinds) > 1 else "Browse…")
+            button.clicked.connect(lambda checked=False, k=kind: self._browse(k))
+            layout.addWidget(button)
+            self.buttons[kind] = button
+        self._last: Path | None = None
+
+    def path(self) -> Path | None:
+        text = self.line.text().strip()
+        return Path(text).expanduser() if text else None
+
+    def set_path(self, path: Path | None, emit: bool = False) -> None:
+        self.line.setText(str(path) if path else "")
+        self._last = self.path()
+        if emit:
+            self.edited.emit(self._last)
+
+    def _typed(self) -> None:
+        if self.path() != self._last:
+            self._last = self.path()
+            self.edited.emit(self._last)
+
+    def _browse(self, kind: str) -> None:
+        start = str(self.path() or Path.home())
+        if kind == "folder":
+            chosen = QFileDialog.getExistingDirectory(self, "Choose a folder", start)
+        else:
+            chosen, _ = QFileDialog.getOpenFileName(self, "Choose a file", start, self.file_filter)
+        if chosen:
+            self.set_path(Path(chosen), emit=True)
