@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from kamal_engine.data import load_images, read_labelled  # noqa: E402
 from kamal_engine.export import export_onnx  # noqa: E402
 from kamal_engine.recipe import load_recipe  # noqa: E402
 from kamal_engine.runner import evaluate_student, run_recipe  # noqa: E402
-from kamal_engine.runtime import load_onnx  # noqa: E402
+from kamal_engine.runtime import compare_latency, latency_runners, load_onnx  # noqa: E402
 from kamal_engine.targetnet import load_student  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,25 +52,9 @@ def demo_student(workspace: Path) -> Path:
     return run_recipe(load_recipe(recipe), restart=True).output_dir / "student.kamal.pt"
 
 
-def time_interleaved(runners: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
-    """Milliseconds per call for each runner; rounds alternate between the runners."""
-    times = {name: [] for name in runners}
-    for fn in runners.values():  # warm-up
-        for _ in range(5):
-            fn()
-    for _ in range(rounds):
-        for name, fn in runners.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn()
-                times[name].append(1000 * (time.perf_counter() - start))
-    return times
-
-
-def summary(ms: list[float], batch: int) -> dict:
-    median = statistics.median(ms)
-    return {"median_ms": round(median, 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
-            "images_per_second": round(1000 * batch / median, 1), "calls": len(ms)}
+def summary(timing: dict, batch: int) -> dict:
+    return {"median_ms": round(timing["median_ms"], 3), "p90_ms": round(timing["p90_ms"], 3),
+            "images_per_second": round(1000 * batch / timing["median_ms"], 1), "calls": timing["calls"]}
 
 
 def main() -> None:
@@ -127,24 +110,12 @@ def main() -> None:
         "max_abs_diff_logits_vs_pytorch": float(np.abs(reference[0] - torch_logits).max())}
     print(f"onnx.reference vs ONNX Runtime: {results['second_runtime']['max_abs_diff_vs_onnxruntime']}", flush=True)
 
-    # latency, batch 1 and 16
-    net = student.net.cpu().eval()
-    session = onnx_student.session
+    # latency, batch 1 and 16 (the same measurement as the app's Export & Test page)
     results["latency"] = {}
     for batch in (1, 16):
-        x = student.preprocessing(load_images(validation.paths[:batch], student.preprocessing.input_size))
-        xn = x.numpy()
-
-        def run_torch():
-            with torch.inference_mode():
-                net.probabilities(net(x))
-
-        def run_ort():
-            session.run(["logits", "probabilities"], {"image": xn})
-
         per_round = 20 if batch == 1 else 5
-        times = time_interleaved({"pytorch": run_torch, "onnxruntime": run_ort}, args.rounds, per_round)
-        results["latency"][f"batch_{batch}"] = {name: summary(ms, batch) for name, ms in times.items()}
+        timings = compare_latency(latency_runners(student, onnx_student, batch), args.rounds, per_round)
+        results["latency"][f"batch_{batch}"] = {name: summary(t, batch) for name, t in timings.items()}
         t, o = (results["latency"][f"batch_{batch}"][k]["median_ms"] for k in ("pytorch", "onnxruntime"))
         results["latency"][f"batch_{batch}"]["onnxruntime_vs_pytorch"] = round(o / t, 3)
         print(f"batch {batch}: PyTorch {t:.3f} ms, ONNX Runtime {o:.3f} ms (median)", flush=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QListWidget, QMainWindow, QMessageBox,
+from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QListWidget, QMainWindow, QMessageBox,
                                QProgressDialog, QPushButton, QStackedWidget, QVBoxLayout, QWidget)
 
 from kamal_engine.checkpoints import atomic_write, read_checkpoint
@@ -16,7 +16,9 @@ from kamal_engine.teacher import load_teacher
 
 from .dialogs import ImportTeacherDialog, ask_trust, show_error
 from .pages.data_method import DataMethodPage
+from .pages.export_test import ExportTestPage
 from .pages.labels import LabelsPage
+from .pages.results import ResultsPage
 from .pages.teachers import TeachersPage
 from .pages.train import TrainPage
 from .session import StudioSession, recipe_text
@@ -24,7 +26,7 @@ from .workers import WorkerHandle
 
 CHECKPOINT_SUFFIXES = {".pt", ".pth", ".safetensors", ".bin", ".ckpt"}
 MAX_RECENT = 8
-PAGES = ("Teachers", "Labels", "Data & method", "Train")
+PAGES = ("Teachers", "Labels", "Data & method", "Train", "Results", "Export & test")
 
 
 def default_demo_dir() -> Path:
@@ -55,7 +57,10 @@ class MainWindow(QMainWindow):
         self.labels_page = LabelsPage(self.session)
         self.data_page = DataMethodPage(self.session)
         self.train_page = TrainPage()
-        for page in (self.teachers_page, self.labels_page, self.data_page, self.train_page):
+        self.results_page = ResultsPage()
+        self.export_page = ExportTestPage()
+        for page in (self.teachers_page, self.labels_page, self.data_page, self.train_page, self.results_page,
+                     self.export_page):
             self.pages.addWidget(page)
         body.addWidget(self.pages, 1)
         self.nav.currentRowChanged.connect(self.pages.setCurrentIndex)
@@ -73,11 +78,16 @@ class MainWindow(QMainWindow):
         outer.addLayout(bottom)
         self.device_label = QLabel()
         self.statusBar().addPermanentWidget(self.device_label)
+        self.log_dock = QDockWidget("Log", self)
+        self.log_dock.setObjectName("logDock")
+        self.log_dock.setWidget(self.train_page.log)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.log_dock)
 
         self._build_menus()
         self.session.changed.connect(self._session_changed)
-        self.train_page.run_finished.connect(lambda result: self.statusBar().showMessage(
-            f"Run finished: {result.output_dir}", 10000))
+        self.train_page.run_finished.connect(self.show_result)
+        self.train_page.run_stopped.connect(self._update_start)
+        self.results_page.student_saved.connect(lambda path: self.statusBar().showMessage(f"Saved {path}", 5000))
         self._poll = QTimer(self)  # keeps Start in step with the worker thread's life
         self._poll.setInterval(250)
         self._poll.timeout.connect(self._update_start)
@@ -85,6 +95,7 @@ class MainWindow(QMainWindow):
         geometry = self.settings.value("window/geometry")
         if geometry is not None:
             self.restoreGeometry(geometry)
+            self.restoreState(self.settings.value("window/state") or b"")
         else:
             self.resize(self.fontMetrics().averageCharWidth() * 150, self.fontMetrics().height() * 42)
         self._session_changed()
@@ -109,6 +120,7 @@ class MainWindow(QMainWindow):
         menu.addSeparator()
         self.add_action = action("Add &teachers…", self.add_teachers_dialog, QKeySequence("Ctrl+T"))
         self.demo_action = action("Open &demo workspace", lambda: self.open_demo_workspace())
+        self.open_run_action = action("Open run &results…", self.open_run_dialog)
         self.recent_menu = menu.addMenu("Open &recent")
         self._fill_recent()
         menu.addSeparator()
@@ -158,12 +170,14 @@ class MainWindow(QMainWindow):
         reasons = self.session.start_blockers()
         self.start_button.setEnabled(not reasons and not running and self.demo_handle is None)
         if running:
-            self.start_reason.setText("A run is in progress (Train page).")
+            text = "A run is in progress (Train page)."
         elif reasons:
-            self.start_reason.setText("Start needs: " + "; ".join(reasons) + ".")
+            text = "Start needs: " + "; ".join(reasons) + "."
         else:
-            self.start_reason.setText(f"Ready: {self.session.selected_count()} labels from "
-                                      f"{len(self.session.teachers)} teacher(s), method {self.session.method}.")
+            text = (f"Ready: {self.session.selected_count()} labels from {len(self.session.teachers)} teacher(s), "
+                    f"method {self.session.method}.")
+        if text != self.start_reason.text():  # a new text re-lays out the window: only when it changed
+            self.start_reason.setText(text)
 
     def _update_device(self) -> None:
         from kamal_engine.devices import available_devices, resolve_device
@@ -403,8 +417,34 @@ class MainWindow(QMainWindow):
                 return
             resume = box.clickedButton() is resume_button
         self.nav.setCurrentRow(PAGES.index("Train"))
-        self.train_page.start(recipe, resume=resume)
+        from kamal_engine.methods import get_method
+
+        self.train_page.start(recipe, resume=resume, data_free=get_method(recipe.method).mode == "data-free")
         self._update_start()
+
+    # --- results ---
+    def show_result(self, result) -> None:
+        self.results_page.set_result(result.output_dir, result.student, result.report)
+        self.export_page.set_student(result.output_dir / "student.kamal.pt", result.student.labels)
+        self.statusBar().showMessage(f"Run finished: {result.output_dir}", 10000)
+
+    def open_run_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a run's output folder", str(Path.home()))
+        if folder:
+            self.open_run(Path(folder))
+
+    def open_run(self, folder: Path) -> bool:
+        folder = Path(folder).resolve()
+        try:
+            if not (folder / "report.json").is_file() or not (folder / "student.kamal.pt").is_file():
+                raise KamalError("is not a finished run's folder (it needs report.json and student.kamal.pt)", folder)
+            self.results_page.load_run(folder)
+        except (KamalError, OSError, ValueError) as exc:
+            show_error(self, "Cannot open these results", exc)
+            return False
+        self.export_page.set_student(folder / "student.kamal.pt", self.results_page.student.labels)
+        self.nav.setCurrentRow(PAGES.index("Results"))
+        return True
 
     def closeEvent(self, event) -> None:
         if self.train_page.is_running():
@@ -418,6 +458,8 @@ class MainWindow(QMainWindow):
             self.train_page.stop_and_wait()
         if self.demo_handle is not None:
             self.demo_handle.stop()
+        self.export_page.stop_and_wait()
         self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/state", self.saveState())
         self.settings.sync()
         super().closeEvent(event)

@@ -9,7 +9,8 @@ from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLineEdit, QPushButton, 
 
 
 class PathEdit(QWidget):
-    """A path field with browse buttons. ``kinds``: any of "file", "folder". Emits ``edited(path or None)``."""
+    """A path field with browse buttons. ``kinds``: any of "file", "folder", "save" (a file to write).
+    Emits ``edited(path or None)``."""
 
     edited = Signal(object)
 
@@ -26,6 +27,7 @@ class PathEdit(QWidget):
         for kind in kinds:
             button = QPushButton("File…" if kind == "file" and len(kinds) > 1 else
                                  "Folder…" if kind == "folder" and len(kinds) > 1 else "Browse…")
+            button.setObjectName(f"browse-{kind}")
             button.clicked.connect(lambda checked=False, k=kind: self._browse(k))
             layout.addWidget(button)
             self.buttons[kind] = button
@@ -50,6 +52,8 @@ class PathEdit(QWidget):
         start = str(self.path() or Path.home())
         if kind == "folder":
             chosen = QFileDialog.getExistingDirectory(self, "Choose a folder", start)
+        elif kind == "save":
+            chosen, _ = QFileDialog.getSaveFileName(self, "Save as", start, self.file_filter)
         else:
             chosen, _ = QFileDialog.getOpenFileName(self, "Choose a file", start, self.file_filter)
         if chosen:

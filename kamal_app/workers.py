@@ -4,7 +4,9 @@ A :class:`Worker` runs ``fn(report, abort)`` in its own thread. ``report(value)`
 to the GUI thread as ``yielded`` (throttled by the caller where needed); ``abort`` is a
 :class:`threading.Event` the function checks between steps (cooperative cancel; a thread is never
 terminated). Signals: ``started``, ``yielded(object)``, ``returned(object)``, ``errored(object)``
-(the exception), ``finished`` — ``errored`` is always followed by ``finished``.
+(the exception), ``finished`` — ``errored`` is always followed by ``finished``. Values are never
+``None`` across threads (``returned`` carries :data:`NOTHING` instead): PySide6 miscounts the
+references of ``None`` sent through queued signals and crashes after many.
 
 :class:`WorkerHandle` keeps the Python references to the thread and the worker until the thread
 has finished, then quits and waits; :meth:`WorkerHandle.stop` requests the abort and waits.
@@ -15,7 +17,10 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
+
+
+NOTHING = object()  # what ``returned`` carries when the function returned None
 
 
 class Worker(QObject):
@@ -37,8 +42,8 @@ class Worker(QObject):
             result = self.fn(self.yielded.emit, self.abort)
         except BaseException as exc:  # noqa: BLE001 - every failure goes to the GUI, then finished
             self.errored.emit(exc)
-        else:
-            self.returned.emit(result)
+        else:  # never None through a queued signal: PySide6 miscounts None's references across threads
+            self.returned.emit(NOTHING if result is None else result)
         finally:
             self.finished.emit()
 
@@ -56,7 +61,8 @@ class WorkerHandle(QObject):
         self.worker = Worker(fn)
         self.worker.moveToThread(self.thread)
         self.thread.started.connect(self.worker.run)
-        self.worker.finished.connect(self.thread.quit)
+        # direct: quit() runs in the worker thread, so stop() can wait without the GUI event loop
+        self.worker.finished.connect(self.thread.quit, Qt.ConnectionType.DirectConnection)
         self.thread.finished.connect(self._thread_finished)
 
     def start(self) -> "WorkerHandle":

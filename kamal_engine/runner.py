@@ -180,6 +180,7 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
         raise KamalError(f"{out} holds an unfinished run; continue it with --resume or start over with --restart")
     if not resume and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
+        checkpointer = Checkpointer(checkpointer.path, method.id, fingerprint)  # forget what it read
     out.mkdir(parents=True, exist_ok=True)
     resumed = checkpointer.load() if resume else None
 

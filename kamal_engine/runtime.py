@@ -217,3 +217,42 @@ def positive_labels(predictor: Predictor, probabilities: Sequence[float], thresh
         else:
             out.extend(predictor.labels[p] for p in group.positions if probabilities[p] >= threshold)
     return out
+
+
+def compare_latency(runners: dict[str, Any], rounds: int = 10, per_round: int = 10, warmup: int = 5) -> dict[str, dict]:
+    """Milliseconds per call of each zero-argument runner, measured interleaved (rounds alternate
+    between the runners, so machine load affects them alike): ``{name: {median_ms, p90_ms, calls}}``."""
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {name: {"median_ms": statistics.median(ms), "p90_ms": float(np.percentile(ms, 90)), "calls": len(ms)}
+            for name, ms in times.items()}
+
+
+def latency_runners(student, onnx_student: OnnxStudent, batch: int) -> dict[str, Any]:
+    """PyTorch eager and ONNX Runtime on the same preprocessed batch of ``batch`` random images."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, *student.preprocessing.input_size), dtype=torch.uint8,
+                           generator=generator)
+    x = student.preprocessing(images)
+    xn = x.numpy()
+    net = student.net.cpu().eval()
+
+    def run_torch():
+        with torch.inference_mode():
+            net.probabilities(net(x))
+
+    def run_ort():
+        onnx_student.session.run(["logits", "probabilities"], {onnx_student.input_name: xn})
+
+    return {"pytorch": run_torch, "onnxruntime": run_ort}

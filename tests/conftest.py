@@ -11,6 +11,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def no_worker_threads_left():
+    """Fails any test that leaves one of the app's worker threads running (and stops it)."""
+    yield
+    import sys
+
+    workers = sys.modules.get("kamal_app.workers")
+    if workers is None:
+        return
+    leftover = workers.running_handles()
+    for handle in leftover:
+        handle.stop()
+    assert not leftover, f"the test left {len(leftover)} worker thread(s) running"
+
+
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
     """A tiny demo workspace, built once per test session."""
