@@ -88,10 +88,6 @@ class MainWindow(QMainWindow):
         self.train_page.run_finished.connect(self.show_result)
         self.train_page.run_stopped.connect(self._update_start)
         self.results_page.student_saved.connect(lambda path: self.statusBar().showMessage(f"Saved {path}", 5000))
-        self._poll = QTimer(self)  # keeps Start in step with the worker thread's life
-        self._poll.setInterval(250)
-        self._poll.timeout.connect(self._update_start)
-        self._poll.start()
         geometry = self.settings.value("window/geometry")
         if geometry is not None:
             self.restoreGeometry(geometry)
@@ -377,6 +373,7 @@ class MainWindow(QMainWindow):
         handle.done.connect(self._demo_done)
         dialog.canceled.connect(handle.request_abort)
         handle.start()
+        self._update_start()
         dialog.show()
         return True
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLineEdit, QPushButton, QWidget
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QWidget
+
+
+def page_header(title: str, text: str = "") -> QLabel:
+    """A page's title (rich text ``title``, already escaped) and an optional sentence below it."""
+    label = QLabel(f"<h2>{title}</h2>{text}")
+    label.setWordWrap(True)
+    return label
 
 
 class PathEdit(QWidget):

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import KamalError
+from .events import format_duration
 
 EXIT_BAD_INPUT = 2
 
@@ -280,11 +281,6 @@ def cmd_demo(args) -> int:
 
 # --- kamal run -----------------------------------------------------------------------------------
 
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class ProgressPrinter:
     """Prints run events on stderr: a redrawn bar on a terminal, a line every few seconds otherwise."""
 
@@ -320,7 +316,7 @@ class ProgressPrinter:
             where = f"block {event.block} " if event.block else ""
             text = (f"[{'#' * int(frac * 24):<24}] {frac:4.0%}  {event.stage} {where}epoch {event.epoch}  "
                     f"loss {event.losses.get('loss', float('nan')):.4f}  {event.images_per_second:.0f} img/s  "
-                    f"ETA {_duration(event.eta_seconds)}")
+                    f"ETA {format_duration(event.eta_seconds)}")
             if self.tty:
                 self.stream.write("\r" + text.ljust(100))
                 self.stream.flush()
@@ -341,7 +337,7 @@ class ProgressPrinter:
             score = f"mAP {_fmt(event.mean_ap)}" if event.mean_ap is not None else f"accuracy {_fmt(event.accuracy)}"
             self.line(f"  {event.model}: {score}")
         elif isinstance(event, ev.Finished):
-            self.line(f"Finished in {_duration(event.summary['seconds'])}: {event.summary['student']}")
+            self.line(f"Finished in {format_duration(event.summary['seconds'])}: {event.summary['student']}")
         elif isinstance(event, ev.Cancelled):
             self.line(f"Cancelled: {event.message}")
 

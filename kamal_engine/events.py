@@ -44,6 +44,12 @@ STAGE_TITLES = {
 }
 
 
+def format_duration(seconds: float) -> str:
+    """``4m02s`` or ``1h07m``: ETAs and run times as the CLI and the app show them."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def describe_stage(event: StageStarted) -> str:
     """A one-line, human description of a stage (the CLI and the app print the same)."""
     if event.block:

@@ -1,10 +1,9 @@
 """The desktop app (pytest-qt, offscreen): teachers, labels, data & method, recipes, drop, errors, Start."""
 
 import shutil
-from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QMimeData, QPoint, QPointF, QSettings, Qt, QTimer, QUrl
+from PySide6.QtCore import QMimeData, QPointF, QSettings, Qt, QTimer, QUrl
 from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QApplication, QMessageBox
 

@@ -18,7 +18,7 @@ from kamal_engine.errors import KamalError
 from kamal_engine.methods import Param, get_method
 
 from ..session import StudioSession, method_ids
-from ..widgets import PathEdit
+from ..widgets import PathEdit, page_header
 
 THUMBNAILS = 8
 
@@ -87,10 +87,9 @@ class DataMethodPage(QWidget):
         self._thumb_folder: Path | None = None
         self._param_widgets: dict[str, tuple[Param, QWidget]] = {}
         outer = QVBoxLayout(self)
-        title = QLabel("<h2>Data &amp; method</h2>Where the knowledge flows through: unlabeled images (or none), "
-                       "the amalgamation method and its settings, and where the run goes.")
-        title.setWordWrap(True)
-        outer.addWidget(title)
+        outer.addWidget(page_header(
+            "Data &amp; method", "Where the knowledge flows through: unlabeled images (or none), the amalgamation "
+            "method and its settings, and where the run goes."))
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         outer.addWidget(scroll, 1)

@@ -21,7 +21,7 @@ from kamal_engine.export import DEFAULT_OPSET, MIN_OPSET
 
 from ..dialogs import show_error
 from ..workers import WorkerHandle
-from ..widgets import PathEdit
+from ..widgets import PathEdit, page_header
 
 THUMB = 48
 
@@ -37,10 +37,11 @@ class ExportTestPage(QWidget):
         self.images: list[Path] = []
         self.probabilities: dict[str, list[list[float]]] = {}  # runtime → rows
         self.labels: list[str] = []
+        self._predictors: dict[Path, object] = {}  # loaded models by file: switching runtimes does not reload
         self.handle: WorkerHandle | None = None
         self.setAcceptDrops(True)
         outer = QVBoxLayout(self)
-        outer.addWidget(QLabel("<h2>Export &amp; test</h2>"))
+        outer.addWidget(page_header("Export &amp; test"))
         self.source = QLabel("No student yet: finish a run, or File → Open run results….")
         outer.addWidget(self.source)
 
@@ -114,6 +115,7 @@ class ExportTestPage(QWidget):
         if self.onnx_edit.path() is None:
             self.onnx_edit.set_path(self.student_path.with_name("student.onnx"))
         self.probabilities = {}
+        self._predictors = {}
         self._fill_table()
         self._update_buttons()
 
@@ -166,6 +168,7 @@ class ExportTestPage(QWidget):
 
     def _exported(self, result) -> None:
         self.onnx_path = result.path
+        self._predictors.pop(result.path, None)  # a new file at that path
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in result.max_abs_diff.items())
         self.export_result.setText(
             f"<b>Exported</b> {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset}"
@@ -211,7 +214,10 @@ class ExportTestPage(QWidget):
             return
         runtime = self.current_runtime()
         try:
-            model = load_predictor(self.onnx_path if runtime == "onnx" else self.student_path, "auto")
+            path = self.onnx_path if runtime == "onnx" else self.student_path
+            if path not in self._predictors:
+                self._predictors[path] = load_predictor(path, "auto")
+            model = self._predictors[path]
             import torch
 
             batch = torch.stack([load_image(p, model.preprocessing.input_size) for p in self.images])

@@ -7,6 +7,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QHeaderView, QLabel, QLineEdit, QPus
                                QVBoxLayout, QWidget)
 
 from ..session import StudioSession
+from ..widgets import page_header
 
 NAME_ROLE = Qt.ItemDataRole.UserRole + 1
 
@@ -22,10 +23,9 @@ class LabelsPage(QWidget):
         self._sync.setInterval(0)
         self._sync.timeout.connect(self._push_to_session)
         layout = QVBoxLayout(self)
-        title = QLabel("<h2>Labels</h2>Tick the labels the student should predict. Each label comes from one "
-                       "teacher; a label that several teachers offer is marked, tick it in one of them.")
-        title.setWordWrap(True)
-        layout.addWidget(title)
+        layout.addWidget(page_header(
+            "Labels", "Tick the labels the student should predict. Each label comes from one teacher; a label that "
+            "several teachers offer is marked, tick it in one of them."))
         bar = QHBoxLayout()
         self.filter = QLineEdit()
         self.filter.setPlaceholderText("Filter labels…")

@@ -12,6 +12,8 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHea
 
 from kamal_engine.targetnet import Student, load_student
 
+from ..widgets import page_header
+
 
 class TargetNetDiagram(QWidget):
     """Shared trunk blocks left to right; each branch leaves its block downwards: filter → tail → labels."""
@@ -105,7 +107,7 @@ class ResultsPage(QWidget):
         self.report: dict | None = None
         self.output_dir: Path | None = None
         outer = QVBoxLayout(self)
-        outer.addWidget(QLabel("<h2>Results</h2>"))
+        outer.addWidget(page_header("Results"))
         self.summary = QLabel("No results yet: finish a run on the Train page, or File → Open run results….")
         self.summary.setWordWrap(True)
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)

@@ -9,6 +9,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLab
 from kamal_engine.profile import count_parameters
 
 from ..session import StudioSession
+from ..widgets import page_header
 
 COLUMNS = ("Name", "Architecture", "Task type", "Labels", "Parameters", "File")
 
@@ -20,11 +21,10 @@ class TeachersPage(QWidget):
         super().__init__(parent)
         self.session = session
         layout = QVBoxLayout(self)
-        title = QLabel("<h2>Teachers</h2>The pre-trained networks to amalgamate. Add checkpoints "
-                       "(<code>.pt</code>, <code>.pth</code>, <code>.safetensors</code>) with the button or drop them "
-                       "anywhere on this window. Bare weights from elsewhere open an import dialog.")
-        title.setWordWrap(True)
-        layout.addWidget(title)
+        layout.addWidget(page_header(
+            "Teachers", "The pre-trained networks to amalgamate. Add checkpoints (<code>.pt</code>, <code>.pth</code>, "
+            "<code>.safetensors</code>) with the button or drop them anywhere on this window. Bare weights from "
+            "elsewhere open an import dialog."))
         buttons = QHBoxLayout()
         self.add_button = QPushButton("Add teachers…")
         self.add_button.clicked.connect(self.add_requested)

@@ -23,18 +23,14 @@ from PySide6.QtGui import QImage, QPixmap
 from PySide6.QtWidgets import (QCheckBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar,
                                QPushButton, QSizePolicy, QVBoxLayout, QWidget)
 
-from kamal_engine.events import CancelToken, RunCancelled
+from kamal_engine.events import CancelToken, RunCancelled, format_duration
 
 from ..monitor import EventQueue, RunMonitor
+from ..widgets import page_header
 from ..workers import WorkerHandle
 
 WAKE_INTERVAL = 0.05  # seconds between the worker's wake-up signals
 REDRAW_HZ = 20
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def run_in_worker(recipe, resume: bool, events: EventQueue):
@@ -138,8 +134,7 @@ class TrainPage(QWidget):
         self.generator_curves: dict[str, pg.PlotDataItem] = {}
 
         layout = QVBoxLayout(self)
-        title = QLabel("<h2>Train</h2>")
-        layout.addWidget(title)
+        layout.addWidget(page_header("Train"))
         self.stage = QLabel("Not started. Press Start when it is enabled (bottom right).")
         # text changes must not re-layout the page (a re-layout re-renders every plot)
         self.stage.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
@@ -248,7 +243,7 @@ class TrainPage(QWidget):
             self.progress.setValue(int(1000 * m.fraction))
             self.stage.setText(m.stage_text)
             if m.eta_seconds is not None and m.fraction < 1:
-                self.eta.setText(f"ETA {_duration(m.eta_seconds)}")
+                self.eta.setText(f"ETA {format_duration(m.eta_seconds)}")
         if "losses" in dirty:
             self._update_curves(self.loss_plot, self.curves, m.series, m.dirty_series)
             m.dirty_series = set()
