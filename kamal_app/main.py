@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import multiprocessing
+
+    multiprocessing.freeze_support()  # the engine trains in a spawned child process (a frozen app re-enters here)
     args = build_parser().parse_args(argv)
     from PySide6.QtCore import QSettings, QTimer
     from PySide6.QtWidgets import QApplication

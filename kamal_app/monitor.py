@@ -1,7 +1,7 @@
 """What the Train page shows, accumulated from the engine's events (no Qt here).
 
-The worker thread puts every event into :class:`EventQueue`; the GUI thread drains it from its
-redraw timer (30 Hz) into a :class:`RunMonitor`, which keeps:
+The worker thread puts every event (relayed from the engine process) into :class:`EventQueue`;
+the GUI thread drains it from its redraw timer (20 Hz) into a :class:`RunMonitor`, which keeps:
 
 * ``series``: per-block training losses, one series per block and teacher (``b2 · digits_0to4``,
   the mean loss of that teacher's selected tasks at each step; ``finetune · …`` after the blocks);
@@ -62,6 +62,7 @@ class RunMonitor:
         self.samples = None
         self.samples_step = 0
         self.fraction = 0.0
+        self.total_steps = 0  # of the whole run (the loss plot's x extent)
         self.images_per_second = 0.0  # the engine's running throughput (last step event)
         self.eta_seconds: float | None = None
         self.stage_text = ""
@@ -118,6 +119,7 @@ class RunMonitor:
 
     def _step(self, event: ev.StepLosses) -> None:
         self.fraction = event.step / max(1, event.total_steps)
+        self.total_steps = event.total_steps
         self.eta_seconds = event.eta_seconds
         self.images_per_second = event.images_per_second
         where = f"Block {event.block} · " if event.block else ""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QWidget
+from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtGui import QPainter
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSizePolicy, QWidget
 
 
 def page_header(title: str, text: str = "") -> QLabel:
@@ -13,6 +14,42 @@ def page_header(title: str, text: str = "") -> QLabel:
     label = QLabel(f"<h2>{title}</h2>{text}")
     label.setWordWrap(True)
     return label
+
+
+class StatusLine(QWidget):
+    """One line of text that changes often (stage text, ETA) without ever re-laying out the window.
+
+    A ``QLabel`` asks its parent layouts to recompute on every ``setText``, and on a page inside a
+    stacked widget that means the height-for-width of every wrapped label on every page, many times
+    a second while training. This widget has a fixed height, takes the width it is given and only
+    repaints itself; a text too long for it is elided in the middle (the full text is the tooltip).
+    """
+
+    def __init__(self, text: str = "", parent=None, alignment=Qt.AlignmentFlag.AlignLeft):
+        super().__init__(parent)
+        self._text = text
+        self.alignment = alignment | Qt.AlignmentFlag.AlignVCenter
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.setFixedHeight(self.fontMetrics().height() + 6)
+
+    def text(self) -> str:
+        return self._text
+
+    def setText(self, text: str) -> None:  # noqa: N802 - QLabel's name, so it can stand in for one
+        if text != self._text:
+            self._text = text
+            self.setToolTip(text)
+            self.update()
+
+    def sizeHint(self) -> QSize:  # noqa: N802
+        return QSize(self.fontMetrics().horizontalAdvance(self._text) + 8, self.height())
+
+    def paintEvent(self, event) -> None:  # noqa: N802
+        painter = QPainter(self)
+        painter.setPen(self.palette().windowText().color())
+        rect = self.rect().adjusted(2, 0, -2, 0)
+        painter.drawText(rect, self.alignment,
+                         self.fontMetrics().elidedText(self._text, Qt.TextElideMode.ElideMiddle, rect.width()))
 
 
 class PathEdit(QWidget):

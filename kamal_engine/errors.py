@@ -17,6 +17,16 @@ class KamalError(Exception):
         self.path = Path(path) if path is not None else None
         super().__init__(f"{path}: {message}" if path is not None else message)
 
+    def __reduce__(self):  # survives pickling (the app's engine process sends errors back): sentence and path
+        return _restore_error, (type(self), self.args[0] if self.args else "", self.path)
+
+
+def _restore_error(cls: type, text: str, path: Path | None) -> "KamalError":
+    error = cls.__new__(cls)
+    Exception.__init__(error, text)
+    error.path = path
+    return error
+
 
 class CheckpointError(KamalError):
     """A checkpoint file cannot be used as a teacher (or student)."""

@@ -1,9 +1,10 @@
-"""Train page: runs the current recipe in a worker thread, with live plots.
+"""Train page: runs the current recipe from a worker thread, with live plots.
 
-The worker puts every engine event into an :class:`~kamal_app.monitor.EventQueue` and wakes the
-GUI thread with a throttled signal (at most every 50 ms); a 30 Hz timer in the GUI thread drains
-the queue into a :class:`~kamal_app.monitor.RunMonitor` and redraws only what changed, so the
-GUI thread never handles one signal per training step. Cancel sets the engine's cancel flag: the
+The worker thread starts the run in a child process (:mod:`kamal_app.engine_process`), puts every
+engine event it relays into an :class:`~kamal_app.monitor.EventQueue` and wakes the GUI thread
+with a throttled signal (at most every 50 ms); a 20 Hz timer in the GUI thread drains the queue
+into a :class:`~kamal_app.monitor.RunMonitor` and redraws only what changed, so the GUI thread
+never handles one signal per training step. Cancel sets the engine's cancel flag in the child: the
 run stops after the current step and keeps its finished blocks (Start → Resume continues them).
 
 Shows: overall progress with ETA, the stage text, per-block losses (a curve per block and teacher,
@@ -13,6 +14,7 @@ marked, and for data-free methods the generator's losses and the latest generate
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -21,24 +23,26 @@ import pyqtgraph as pg
 from PySide6.QtCore import QElapsedTimer, Qt, QTimer, Signal
 from PySide6.QtGui import QImage, QPixmap
 from PySide6.QtWidgets import (QCheckBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar,
-                               QPushButton, QSizePolicy, QVBoxLayout, QWidget)
+                               QPushButton, QVBoxLayout, QWidget)
 
-from kamal_engine.events import CancelToken, RunCancelled, format_duration
+from kamal_engine.events import RunCancelled, format_duration
 
+from ..engine_process import run_in_child_process
 from ..monitor import EventQueue, RunMonitor
-from ..widgets import page_header
+from ..widgets import StatusLine, page_header
 from ..workers import WorkerHandle
 
 WAKE_INTERVAL = 0.05  # seconds between the worker's wake-up signals
 REDRAW_HZ = 20
+PROGRESS_STEPS = 200  # the bar repaints only when it moves a visible amount (0.5 %), not every step
 
 
 def run_in_worker(recipe, resume: bool, events: EventQueue):
-    """The worker function: ``run_recipe`` with every event queued, wake-ups throttled, cancel wired."""
-    def work(wake, abort: threading.Event):
-        from kamal_engine.runner import run_recipe
+    """The worker function: the run in a child process, its events queued, wake-ups throttled.
 
-        cancel = CancelToken()
+    See :mod:`kamal_app.engine_process` for why the engine does not train in this process.
+    """
+    def work(wake, abort: threading.Event):
         last = [0.0]
 
         def emit(event):
@@ -48,12 +52,7 @@ def run_in_worker(recipe, resume: bool, events: EventQueue):
                 last[0] = now
                 wake(True)  # never None: PySide6 miscounts None's references across threads
 
-        watcher = threading.Thread(target=lambda: (abort.wait(), cancel.cancel()), daemon=True)
-        watcher.start()
-        try:
-            return run_recipe(recipe, resume=resume, restart=not resume, emit=emit, cancel=cancel)
-        finally:
-            abort.set()  # ends the watcher
+        return run_in_child_process(recipe, resume, emit, abort)
 
     return work
 
@@ -97,7 +96,8 @@ def _plot(title: str, left: str, bottom: str) -> pg.PlotWidget:
         item.getAxis(axis).setPen(palette.mid().color())
     item.setLabel("left", left)
     item.setLabel("bottom", bottom)
-    item.showGrid(x=True, y=True, alpha=0.2)
+    # no grid: pyqtgraph draws grid lines as part of its axes, which re-render whenever the range
+    # grows (every step while training); with a grid, a repaint costs 4-5x the CPU
     item.setClipToView(True)  # draw what is visible, and at most about one point per pixel
     item.setDownsampling(auto=True, mode="peak")
     item.addLegend(offset=(-10, 10), labelTextColor=palette.text().color(), labelTextSize="8pt",
@@ -132,19 +132,21 @@ class TrainPage(QWidget):
         self.heartbeat = Heartbeat(self)
         self.curves: dict[str, pg.PlotDataItem] = {}
         self.generator_curves: dict[str, pg.PlotDataItem] = {}
+        self.converged_curves: dict[str, tuple[pg.PlotDataItem, object]] = {}  # task → (line, colour)
+        self.branch_stars: pg.ScatterPlotItem | None = None
+        self._converged_ticks = None
 
         layout = QVBoxLayout(self)
         layout.addWidget(page_header("Train"))
-        self.stage = QLabel("Not started. Press Start when it is enabled (bottom right).")
-        # text changes must not re-layout the page (a re-layout re-renders every plot)
-        self.stage.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        # these two change many times a second: StatusLine repaints itself without re-laying out the window
+        self.stage = StatusLine("Not started. Press Start when it is enabled (bottom right).")
         layout.addWidget(self.stage)
         row = QHBoxLayout()
         self.progress = QProgressBar()
-        self.progress.setRange(0, 1000)
+        self.progress.setRange(0, PROGRESS_STEPS)
         self.progress.setFormat("%p%")
         row.addWidget(self.progress, 1)
-        self.eta = QLabel("")
+        self.eta = StatusLine("", alignment=Qt.AlignmentFlag.AlignRight)
         self.eta.setFixedWidth(self.fontMetrics().horizontalAdvance("ETA 00h00m") + 8)
         row.addWidget(self.eta)
         self.cancel_button = QPushButton("Cancel")
@@ -184,7 +186,12 @@ class TrainPage(QWidget):
 
     # --- control ---
     def is_running(self) -> bool:
-        return self.handle is not None and self.handle.is_running()
+        """True from Start until the run's last signal was handled (``on_done``).
+
+        Not the thread's state: the thread stops before its queued ``returned``/``errored``
+        reach the GUI thread, and until then the page has not shown how the run ended.
+        """
+        return self.handle is not None
 
     def start(self, recipe, resume: bool = False, data_free: bool = False) -> None:
         if self.is_running():
@@ -194,13 +201,22 @@ class TrainPage(QWidget):
         self.events.drain()
         self.loss_plot.getPlotItem().clear()
         self.converged_plot.getPlotItem().clear()
+        self.converged_curves = {}
+        self.branch_stars = None
+        self._converged_ticks = None
         self.generator_plot.getPlotItem().clear()
+        for plot in (self.loss_plot, self.generator_plot):
+            plot.x_extent = None
+            plot.getPlotItem().enableAutoRange(x=True)
         self.curves, self.generator_curves = {}, {}
         self.free_box.setVisible(data_free)
         self.samples.setText("No samples yet.")
         self.progress.setValue(0)
         self.eta.setText("")
         self.append(f"Starting '{recipe.name}' ({recipe.method}) → {recipe.output_dir}")
+        # what exists now lives as long as the window: keep it out of the garbage collector's full
+        # scans, which otherwise walk every object (torch's included) several times a second of plotting
+        gc.freeze()
         self.handle = WorkerHandle(run_in_worker(recipe, resume, self.events), self)
         self.handle.worker.yielded.connect(self._wake)
         self.handle.worker.returned.connect(self.on_returned)
@@ -232,7 +248,7 @@ class TrainPage(QWidget):
             self.redraw_timer.start()
 
     def redraw(self) -> None:
-        """Drain the queued events and redraw what changed (called by the 30 Hz timer)."""
+        """Drain the queued events and redraw what changed (called by the 20 Hz timer)."""
         for event in self.events.drain():
             self.monitor.feed(event)
         m = self.monitor
@@ -240,19 +256,21 @@ class TrainPage(QWidget):
             self.append(line)
         dirty, m.dirty = m.dirty, set()
         if "progress" in dirty:
-            self.progress.setValue(int(1000 * m.fraction))
+            self.progress.setValue(int(PROGRESS_STEPS * m.fraction))
             self.stage.setText(m.stage_text)
             if m.eta_seconds is not None and m.fraction < 1:
                 self.eta.setText(f"ETA {format_duration(m.eta_seconds)}")
         if "losses" in dirty:
+            self._fix_x_extent(self.loss_plot, m.total_steps)
             self._update_curves(self.loss_plot, self.curves, m.series, m.dirty_series)
             m.dirty_series = set()
         if "generator" in dirty:
             self.free_box.setVisible(True)
+            self._fix_x_extent(self.generator_plot, m.total_steps)
             self._update_curves(self.generator_plot, self.generator_curves, m.generator, m.dirty_generator)
             m.dirty_generator = set()
-        if "converged" in dirty:
-            self._draw_converged()
+        if "converged" in dirty and not self._draw_converged():
+            m.dirty.add("converged")  # more new lines to create: on the next tick
         if "samples" in dirty and m.samples is not None:
             self.free_box.setVisible(True)
             pixmap = QPixmap.fromImage(sample_grid(m.samples))
@@ -261,40 +279,70 @@ class TrainPage(QWidget):
                                                  Qt.TransformationMode.FastTransformation))
             self.samples.setToolTip(f"generated at step {m.samples_step}")
 
+    @staticmethod
+    def _fix_x_extent(plot: pg.PlotWidget, total_steps: int) -> None:
+        """The x axis spans the whole run, so a new step does not rescale (and re-render) the axes."""
+        item = plot.getPlotItem()
+        if total_steps > 0 and getattr(plot, "x_extent", None) != total_steps:
+            plot.x_extent = total_steps
+            item.enableAutoRange(x=False)
+            item.setXRange(0, total_steps, padding=0.01)
+
     def _update_curves(self, plot: pg.PlotWidget, curves: dict, series: dict, changed: set) -> None:
         """Only the series with new points are handed to pyqtgraph (finished blocks stay as drawn)."""
         for name in [n for n in series if n in changed]:
             s = series[name]
             curve = curves.get(name)
             if curve is None:
-                curve = plot.plot(name=name, pen=pg.mkPen(pg.intColor(len(curves), hues=9), width=1.5),
+                # width 1: Qt draws 1-pixel lines directly; wider ones go through its (slow) path stroker
+                curve = plot.plot(name=name, pen=pg.mkPen(pg.intColor(len(curves), hues=9), width=1),
                                   connect="finite")
                 curves[name] = curve
             y = np.asarray(s.y, dtype=np.float64)
             curve.setData(np.asarray(s.x, dtype=np.float64), np.where(np.isfinite(y), y, np.nan))
 
-    def _draw_converged(self) -> None:
+    def _draw_converged(self, new_lines_per_tick: int = 2) -> bool:
+        """One line (and one ★ marker) per task, created once and then only given new data.
+
+        Creating a line with its legend entry is the costliest thing this page does, so at most
+        ``new_lines_per_tick`` are created per timer tick (one paint each): the event loop never
+        stalls when ten labels converge at once. Returns False while lines remain to be created.
+        """
         m = self.monitor
         item = self.converged_plot.getPlotItem()
-        item.clear()
         blocks = [m.block_names[k] for k in sorted(m.block_names)]
         position = {name: i + 1 for i, name in enumerate(blocks)}
-        item.getAxis("bottom").setTicks([[(i + 1, name) for i, name in enumerate(blocks)]])
-        for i, (task, values) in enumerate(m.converged.items()):
-            color = pg.intColor(i, hues=max(9, len(m.converged)))
-            x = np.asarray([position[b] for b in values if b in position], dtype=np.float64)
-            y = np.asarray([values[b] for b in values if b in position], dtype=np.float64)
-            item.plot(x, y, name=task, pen=pg.mkPen(color, width=1.5), symbol="o", symbolSize=6,
-                      symbolBrush=color, connect="finite")
+        ticks = [[(i + 1, name) for i, name in enumerate(blocks)]]
+        if ticks != getattr(self, "_converged_ticks", None):
+            self._converged_ticks = ticks
+            item.getAxis("bottom").setTicks(ticks)
+        created, stars = 0, []
+        for task, values in m.converged.items():
+            if task not in self.converged_curves:
+                if created == new_lines_per_tick:
+                    return False
+                created += 1
+                color = pg.intColor(len(self.converged_curves), hues=max(9, len(m.converged)))
+                line = item.plot(name=task, pen=pg.mkPen(color, width=1.5), symbol="o", symbolSize=6,
+                                 symbolBrush=color, connect="finite")
+                self.converged_curves[task] = (line, color)
+            line, color = self.converged_curves[task]
+            known = [b for b in values if b in position]
+            line.setData(np.asarray([position[b] for b in known], dtype=np.float64),
+                         np.asarray([values[b] for b in known], dtype=np.float64))
             chosen = m.plan.get(task)
             if chosen in values and chosen in position:
-                item.plot([float(position[chosen])], [float(values[chosen])], pen=None, symbol="star",
-                          symbolSize=16, symbolBrush=color)
+                stars.append({"pos": (float(position[chosen]), float(values[chosen])), "brush": color})
+        if self.branch_stars is None:
+            self.branch_stars = pg.ScatterPlotItem(symbol="star", size=16, pen=None)
+            item.addItem(self.branch_stars)
+        self.branch_stars.setData(stars)  # one item for all the ★ markers: one update, one paint
+        return True
 
     # --- worker results ---
     def on_returned(self, result) -> None:
         self.redraw()
-        self.progress.setValue(1000)
+        self.progress.setValue(PROGRESS_STEPS)
         self.eta.setText("")
         self.stage.setText(f"Finished: {result.output_dir}")
         self.run_finished.emit(result)
