@@ -365,3 +365,37 @@ def test_the_qt_binding_keeps_none_alive_through_many_paints(qtbot):
     for _ in range(300):
         view.viewport().repaint()
     assert sys.getrefcount(None) > before - 100
+
+
+def test_converged_lines_are_created_a_few_per_tick_and_the_stars_follow_the_plan(window):
+    from kamal_engine import events as ev
+    from kamal_app.pages.train import NEW_LINES_PER_TICK
+
+    page = window.train_page
+    tasks = [f"label{i}" for i in range(10)]
+    for block in (1, 2):
+        page.events.put(ev.BlockConverged(block, f"b{block}", {t: 1.0 / (block + i) for i, t in enumerate(tasks)}))
+    page.redraw()
+    assert len(page.converged_curves) == NEW_LINES_PER_TICK  # one tick creates only a few (no long stall)
+    assert "converged" in page.monitor.dirty
+    for _ in range(10):
+        page.redraw()
+    assert list(page.converged_curves) == tasks and "converged" not in page.monitor.dirty
+    x, y = page.converged_curves["label3"][0].getData()
+    assert list(x) == [1.0, 2.0] and list(y) == [1.0 / 4, 1.0 / 5]
+    page.events.put(ev.BranchPlanChosen({"label3": "b2", "label7": "b1"}))
+    page.redraw()
+    stars = sorted(tuple(p) for p in zip(*page.branch_stars.getData()))
+    assert stars == [(1.0, 1.0 / 8), (2.0, 1.0 / 5)]
+
+
+def test_the_stage_and_eta_lines_are_visible_and_change_without_a_relayout(window, qtbot):
+    from kamal_engine import events as ev
+
+    window.nav.setCurrentRow(3)
+    page = window.train_page
+    qtbot.waitExposed(window)
+    page.events.put(ev.StepLosses(5, 100, "amalgamate", 2, 1, {"loss": 0.5, "teacher:t": 0.5}, 123.0, 84.0))
+    page.redraw()
+    assert page.eta.text() == "ETA 1m24s" and page.eta.isVisible() and page.eta.width() > 40
+    assert "Block 2" in page.stage.text() and "123 img/s" in page.stage.text() and page.stage.width() > 200

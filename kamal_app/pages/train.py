@@ -23,7 +23,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import QElapsedTimer, Qt, QTimer, Signal
 from PySide6.QtGui import QImage, QPixmap
 from PySide6.QtWidgets import (QCheckBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar,
-                               QPushButton, QVBoxLayout, QWidget)
+                               QPushButton, QSizePolicy, QVBoxLayout, QWidget)
 
 from kamal_engine.events import RunCancelled, format_duration
 
@@ -34,6 +34,7 @@ from ..workers import WorkerHandle
 
 WAKE_INTERVAL = 0.05  # seconds between the worker's wake-up signals
 REDRAW_HZ = 20
+NEW_LINES_PER_TICK = 2  # converged-loss lines created per redraw tick (on top of the loss curves)
 PROGRESS_STEPS = 200  # the bar repaints only when it moves a visible amount (0.5 %), not every step
 
 
@@ -147,6 +148,7 @@ class TrainPage(QWidget):
         self.progress.setFormat("%p%")
         row.addWidget(self.progress, 1)
         self.eta = StatusLine("", alignment=Qt.AlignmentFlag.AlignRight)
+        self.eta.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
         self.eta.setFixedWidth(self.fontMetrics().horizontalAdvance("ETA 00h00m") + 8)
         row.addWidget(self.eta)
         self.cancel_button = QPushButton("Cancel")
@@ -260,16 +262,18 @@ class TrainPage(QWidget):
             self.stage.setText(m.stage_text)
             if m.eta_seconds is not None and m.fraction < 1:
                 self.eta.setText(f"ETA {format_duration(m.eta_seconds)}")
+        created = 0  # new lines this tick: each costs a legend entry, so few per tick (one paint each)
         if "losses" in dirty:
             self._fix_x_extent(self.loss_plot, m.total_steps)
-            self._update_curves(self.loss_plot, self.curves, m.series, m.dirty_series)
+            created += self._update_curves(self.loss_plot, self.curves, m.series, m.dirty_series)
             m.dirty_series = set()
         if "generator" in dirty:
             self.free_box.setVisible(True)
             self._fix_x_extent(self.generator_plot, m.total_steps)
-            self._update_curves(self.generator_plot, self.generator_curves, m.generator, m.dirty_generator)
+            created += self._update_curves(self.generator_plot, self.generator_curves, m.generator,
+                                           m.dirty_generator)
             m.dirty_generator = set()
-        if "converged" in dirty and not self._draw_converged():
+        if "converged" in dirty and not self._draw_converged(max(0, NEW_LINES_PER_TICK - created)):
             m.dirty.add("converged")  # more new lines to create: on the next tick
         if "samples" in dirty and m.samples is not None:
             self.free_box.setVisible(True)
@@ -288,8 +292,11 @@ class TrainPage(QWidget):
             item.enableAutoRange(x=False)
             item.setXRange(0, total_steps, padding=0.01)
 
-    def _update_curves(self, plot: pg.PlotWidget, curves: dict, series: dict, changed: set) -> None:
-        """Only the series with new points are handed to pyqtgraph (finished blocks stay as drawn)."""
+    def _update_curves(self, plot: pg.PlotWidget, curves: dict, series: dict, changed: set) -> int:
+        """Only the series with new points are handed to pyqtgraph (finished blocks stay as drawn).
+
+        Returns how many curves were created."""
+        created = 0
         for name in [n for n in series if n in changed]:
             s = series[name]
             curve = curves.get(name)
@@ -298,10 +305,12 @@ class TrainPage(QWidget):
                 curve = plot.plot(name=name, pen=pg.mkPen(pg.intColor(len(curves), hues=9), width=1),
                                   connect="finite")
                 curves[name] = curve
+                created += 1
             y = np.asarray(s.y, dtype=np.float64)
             curve.setData(np.asarray(s.x, dtype=np.float64), np.where(np.isfinite(y), y, np.nan))
+        return created
 
-    def _draw_converged(self, new_lines_per_tick: int = 2) -> bool:
+    def _draw_converged(self, new_lines_per_tick: int = NEW_LINES_PER_TICK) -> bool:
         """One line (and one ★ marker) per task, created once and then only given new data.
 
         Creating a line with its legend entry is the costliest thing this page does, so at most
@@ -361,6 +370,8 @@ class TrainPage(QWidget):
 
     def on_done(self) -> None:
         self.redraw()
+        while "converged" in self.monitor.dirty:  # the timer stops now: create the lines still missing
+            self.redraw()
         self.redraw_timer.stop()
         self.heartbeat.stop()
         self.cancel_button.setEnabled(False)
