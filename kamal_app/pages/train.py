@@ -322,7 +322,7 @@ class TrainPage(QWidget):
         blocks = [m.block_names[k] for k in sorted(m.block_names)]
         position = {name: i + 1 for i, name in enumerate(blocks)}
         ticks = [[(i + 1, name) for i, name in enumerate(blocks)]]
-        if ticks != getattr(self, "_converged_ticks", None):
+        if ticks != self._converged_ticks:
             self._converged_ticks = ticks
             item.getAxis("bottom").setTicks(ticks)
         created, stars = 0, []
