@@ -128,8 +128,10 @@ def _write_split(folder: Path, images: np.ndarray, targets: np.ndarray | None) -
 
 def train_teacher(images: np.ndarray, targets: np.ndarray, preprocessing: Preprocessing, config: DemoConfig,
                   device: torch.device, log: Log, title: str, epochs: int | None = None,
-                  start_from: dict | None = None, learning_rate: float | None = None) -> torch.nn.Module:
-    """Supervised training of a SmallNet on grayscale images (replicated to RGB).
+                  start_from: dict | None = None, learning_rate: float | None = None,
+                  arch: str = "smallnet", arch_kwargs: dict | None = None) -> torch.nn.Module:
+    """Supervised training of a SmallNet (or ``arch`` with ``arch_kwargs``) on grayscale images (replicated
+    to RGB).
 
     ``targets`` (N, L) 0/1: multi-label (BCE); (N,) class indices: multi-class (cross entropy).
     ``start_from``: a state dict to fine-tune from (every weight but the classifier's).
@@ -137,7 +139,7 @@ def train_teacher(images: np.ndarray, targets: np.ndarray, preprocessing: Prepro
     torch.manual_seed(config.seed)
     multiclass = targets.ndim == 1
     outputs = int(targets.max()) + 1 if multiclass else targets.shape[1]
-    model = build_model("smallnet", outputs, width=config.teacher_width)
+    model = build_model(arch, outputs, **(arch_kwargs if arch_kwargs is not None else {"width": config.teacher_width}))
     if start_from is not None:
         model.load_state_dict({k: v for k, v in start_from.items() if not k.startswith("fc.")}, strict=False)
     model.to(device)

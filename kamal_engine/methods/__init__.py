@@ -16,6 +16,7 @@ from ..errors import KamalError
 MODULES = {
     "filtered-ka": "kamal_engine.methods.filtered_ka",
     "kd": "kamal_engine.methods.kd",
+    "dafl": "kamal_engine.methods.dafl",
 }
 
 

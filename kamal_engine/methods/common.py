@@ -9,9 +9,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..backbones import split_model
 from ..events import CancelToken, Emit
 from ..preprocessing import Preprocessing
 from ..selection import TaskSelection
+from ..targetnet import Branch, BranchSpec, TargetNet, TaskGroup
 from ..training import MetricsLog, StepLoop, UnlabeledImages, autocast, task_losses
 
 
@@ -98,3 +100,16 @@ def steps_per_epoch(n_images: int, batch_size: int) -> int:
 def copy_module(module: nn.Module) -> nn.Module:
     """An independent copy (the TargetNet owns its parts; the frozen teachers stay untouched)."""
     return copy.deepcopy(module)
+
+
+def whole_student(ctx: RunContext) -> TargetNet:
+    """The student as one unbranched TargetNet: all its blocks, its own head for every selected label
+    (the form of the ``kd`` and ``dafl`` students)."""
+    labels, selection = ctx.selection.labels, ctx.selection
+    net = split_model(ctx.student, ctx.student_arch, "stage")
+    spec = BranchSpec(block=len(net), source="student", arch=ctx.student_arch,
+                      arch_kwargs=dict(ctx.student_arch_kwargs), num_outputs=len(labels), granularity="stage",
+                      filter={"kind": "identity"}, outputs=list(range(len(labels))),
+                      positions=list(range(len(labels))), tasks=[t.name for t in selection.tasks])
+    return TargetNet(list(net.blocks), net.block_names, [Branch(nn.Identity(), [], net.head, spec.outputs)],
+                     [spec], labels, [TaskGroup(t.kind, list(t.positions), t.name) for t in selection.tasks])

@@ -13,25 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from ..backbones import split_model
 from ..events import StageStarted
-from ..targetnet import Branch, BranchSpec, TargetNet, TaskGroup
 from ..training import poly_schedule, set_mode
 from . import MethodInfo, MethodResult, Param
-from .common import RunContext, steps_per_epoch
+from .common import RunContext, steps_per_epoch, whole_student
 
 
 def run(ctx: RunContext) -> MethodResult:
     p, selection, device = ctx.params, ctx.selection, ctx.device
-    labels = selection.labels
-    net = split_model(ctx.student, ctx.student_arch, "stage")
-    n_blocks = len(net)
-    spec = BranchSpec(block=n_blocks, source="student", arch=ctx.student_arch,
-                      arch_kwargs=dict(ctx.student_arch_kwargs), num_outputs=len(labels), granularity="stage",
-                      filter={"kind": "identity"}, outputs=list(range(len(labels))),
-                      positions=list(range(len(labels))), tasks=[t.name for t in selection.tasks])
-    target = TargetNet(list(net.blocks), net.block_names, [Branch(torch.nn.Identity(), [], net.head, spec.outputs)],
-                       [spec], labels, [TaskGroup(t.kind, list(t.positions), t.name) for t in selection.tasks]).to(device)
+    target = whole_student(ctx).to(device)
+    n_blocks = len(target.trunk)
     images, batch = ctx.images, p["batch_size"]
     spe = steps_per_epoch(len(images), batch)
     total = p["epochs"] * spe

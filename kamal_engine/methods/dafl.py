@@ -1,0 +1,173 @@
+"""``dafl``: data-free learning of a student network (Chen et al., ICCV 2019), for several teachers.
+
+Algorithm 1 of ``dafl-iccv2019.txt``: the fixed teachers act as the discriminator of a generator G
+(:class:`~kamal_engine.generators.DCGANGenerator`). Each step draws ``z ~ N(0, I)``, generates a
+batch and
+
+1. updates G on ``L_Total = L_oh + α L_a + β L_ie`` (Eq. 7; the terms in :mod:`kamal_engine.datafree`),
+   computed on every teacher's *selected* outputs (the task-level filter of the amalgamation
+   papers) and, for ``L_a``, on every teacher's features before its classifier;
+2. updates the student by knowledge distillation (Eq. 1) on the same, detached images: the soft-target
+   cross entropy against the teachers' predictions restricted to the selected labels (the loss of
+   ``kd`` and ``filtered-ka``), so several teachers are amalgamated into one student.
+
+Generator and student are thus updated alternately, one step each, as in the authors' code. Both use
+Adam (paper: "the generator was trained [...] using Adam"); the learning rates are those of the
+authors' MNIST setting (0.2 for G, 2e-3 for the student), α = 0.1 and β = 5 (Section 4.1). An epoch
+is ``iterations`` steps (120 in the authors' code); the student's rate is divided by 10 for the last
+20 % of the epochs (our choice; the paper does not give a schedule for MNIST).
+
+``source = "noise"`` is the paper's baseline of Table 1 ("data randomly generated from normal
+distribution"): no generator, the student learns by KD on N(0, 1) images.
+
+The generated images are read as normalised the student's way; a teacher with other
+preprocessing sees the same picture in its own normalisation (:class:`GeneratedImages`). A
+preview grid is emitted every ``preview_every`` steps. Checkpoints after every epoch (generator,
+student and both optimisers), so ``--resume`` continues with the same random draws.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..datafree import activation_loss, information_entropy_loss, one_hot_loss
+from ..events import SamplesGenerated, StageStarted
+from ..generators import DCGANGenerator, GeneratedImages
+from ..training import autocast, set_mode, task_losses
+from . import MethodInfo, MethodResult, Param
+from .common import RunContext, loss_dict, whole_student
+
+
+class TeacherDiscriminator:
+    """The fixed teachers on generated images: selected logits (in task order) and pre-classifier features."""
+
+    def __init__(self, ctx: RunContext, view: GeneratedImages):
+        self.selection, self.view = ctx.selection, view
+        self.active = [n for n in range(len(ctx.selection.teachers)) if ctx.selection.tasks_of(n)]
+        self.nets = {n: ctx.selection.teachers[n].blocks("stage") for n in self.active}
+        self.outputs = {n: [o for t in ctx.selection.tasks_of(n) for o in t.outputs] for n in self.active}
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits, features = [], []
+        for n in self.active:
+            teacher, net = self.selection.teachers[n], self.nets[n]
+            h = self.view.for_teacher(x, teacher.preprocessing)
+            for block in net.blocks:
+                h = block(h)
+            features.append(h)
+            logits.append(net.head(h)[:, self.outputs[n]])
+        return torch.cat(logits, 1), features
+
+
+def run(ctx: RunContext) -> MethodResult:
+    p, selection, device = ctx.params, ctx.selection, ctx.device
+    tasks = selection.tasks
+    student = whole_student(ctx).to(device)
+    size = tuple(ctx.student_preprocessing.input_size)
+    view = GeneratedImages(ctx.student_preprocessing)
+    teachers = TeacherDiscriminator(ctx, view)
+    for t in selection.teachers:
+        t.model.to(device)
+    use_generator = p["source"] == "generator"
+    torch.manual_seed(ctx.phase_seed(0))
+    generator = DCGANGenerator(p["latent_dim"], size, p["generator_width"]).to(device)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=p["lr_generator"], betas=(0.5, 0.999))
+    opt_s = torch.optim.Adam(student.parameters(), lr=p["lr_student"])
+    batch, iterations, epochs = p["batch_size"], p["iterations"], p["epochs"]
+    total = epochs * iterations
+    decay_from = max(1, int(round(0.8 * epochs)))
+
+    state = ctx.checkpoint.load() or {}
+    done = state.get("epochs_done", 0)
+    if done:
+        student.load_state_dict(state["student"])
+        generator.load_state_dict(state["generator"])
+        opt_s.load_state_dict(state["opt_student"])
+        opt_g.load_state_dict(state["opt_generator"])
+    loop = ctx.loop(total, state.get("step", 0))
+    ctx.emit(StageStarted("train", None, None, len(student.trunk), epochs, total))
+    set_mode([student, generator] if use_generator else [student], [t.model for t in selection.teachers])
+
+    def step(idx: torch.Tensor, draw: torch.Generator) -> dict[str, float]:
+        z = torch.randn(len(idx), p["latent_dim"], generator=draw).to(device)
+        losses = {}
+        if use_generator:  # Module 1: the generator against the fixed teachers (Eq. 7)
+            with autocast(device, ctx.precision):
+                x = generator(z)
+                logits, features = teachers(x)
+            l_oh = one_hot_loss(logits, tasks)
+            l_a = activation_loss(features)
+            l_ie = information_entropy_loss(logits, tasks)
+            l_total = p["one_hot"] * l_oh + p["alpha"] * l_a + p["beta"] * l_ie
+            opt_g.zero_grad(set_to_none=True)
+            l_total.backward()
+            opt_g.step()
+            x, teacher_logits = x.detach(), logits.detach()
+            losses = {f"generator:{k}": float(v.detach()) for k, v in
+                      (("total", l_total), ("one-hot", l_oh), ("activation", l_a), ("entropy", l_ie))}
+        else:  # the "normal distribution" baseline
+            x = torch.randn(len(idx), 3, *size, generator=draw).to(device)
+            with torch.no_grad(), autocast(device, ctx.precision):
+                teacher_logits = teachers(x)[0]
+        # Module 2: the student by KD on the same images (Eq. 1); the teachers are fixed, so their
+        # logits from the generator's pass are the targets
+        targets = torch.cat(_probabilities(teacher_logits, tasks), 1)
+        with autocast(device, ctx.precision):
+            per_task = task_losses(student(x), targets, tasks)
+        loss = per_task.sum() / len(tasks)
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
+        if p["preview_every"] and (loop.state.step + 1) % p["preview_every"] == 0:
+            ctx.emit(SamplesGenerated(loop.state.step + 1, view.preview(x)))
+        return {**loss_dict(loss, per_task, selection), **losses}
+
+    for epoch in range(done + 1, epochs + 1):
+        for group in opt_s.param_groups:
+            group["lr"] = p["lr_student"] * (0.1 if epoch > decay_from else 1.0)
+        draw = torch.Generator().manual_seed(ctx.phase_seed(epoch))
+        batches = (torch.arange(i * batch, (i + 1) * batch) for i in range(iterations))
+        loop.run_epoch(batches, lambda idx: step(idx, draw), "train", None, epoch)
+        ctx.checkpoint.save({"epochs_done": epoch, "step": loop.state.step, "student": student.state_dict(),
+                             "generator": generator.state_dict(), "opt_student": opt_s.state_dict(),
+                             "opt_generator": opt_g.state_dict()})
+    student.eval()
+    report = {"epochs": epochs, "iterations": iterations, "source": p["source"],
+              "generated_images": epochs * iterations * batch}
+    return MethodResult(student, "stage", report)
+
+
+def _probabilities(logits: torch.Tensor, tasks) -> list[torch.Tensor]:
+    """Soft targets per task: sigmoid per multi-label output, softmax within a multi-class task."""
+    out, col = [], 0
+    for task in tasks:
+        z = logits[:, col:col + len(task.outputs)].float()
+        out.append(torch.sigmoid(z) if task.kind == "multilabel" else torch.softmax(z, 1))
+        col += len(task.outputs)
+    return out
+
+
+METHOD = MethodInfo(
+    id="dafl",
+    mode="data-free",
+    title="Data-free learning (DAFL)",
+    paper="Chen et al., Data-Free Learning of Student Networks, ICCV 2019",
+    summary="A generator is trained against the fixed teachers (one-hot, activation and information-entropy "
+            "losses) while the student learns by distillation on its images; no training data is needed.",
+    params=(
+        Param("epochs", 200, "epochs of generated batches (paper: 200)", minimum=1),
+        Param("iterations", 120, "generator/student steps per epoch (authors' code: 120)", minimum=1),
+        Param("batch_size", 512, "generated images per step (authors' code: 512)", minimum=2),
+        Param("latent_dim", 100, "size of the generator's input noise z", minimum=1),
+        Param("generator_width", 64, "channels of the generator's last convolution (paper: 64)", minimum=1),
+        Param("lr_generator", 0.2, "Adam learning rate of the generator (authors' MNIST code: 0.2)", minimum=0.0),
+        Param("lr_student", 2e-3, "Adam learning rate of the student (authors' code: 2e-3)", minimum=0.0),
+        Param("one_hot", 1.0, "weight of the one-hot loss L_oh (Eq. 7)", minimum=0.0),
+        Param("alpha", 0.1, "weight α of the activation loss L_a (Eq. 7; paper: 0.1)", minimum=0.0),
+        Param("beta", 5.0, "weight β of the information-entropy loss L_ie (Eq. 7; paper: 5)", minimum=0.0),
+        Param("source", "generator", "'generator' (DAFL) or 'noise' (the paper's random-noise baseline)",
+              choices=("generator", "noise")),
+        Param("preview_every", 200, "steps between generated-sample previews (0: none)", minimum=0),
+    ),
+    run=run,
+)
