@@ -172,11 +172,14 @@ class TrainPage(QWidget):
         free.addWidget(self.generator_plot, 1)
         self.samples = QLabel("No samples yet.")
         self.samples.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.samples.setMinimumWidth(self.fontMetrics().averageCharWidth() * 30)
+        self.samples.setMinimumWidth(self.fontMetrics().averageCharWidth() * 40)
         free.addWidget(self.samples)
         grid.addWidget(self.free_box, 2, 0, 1, 2)
         self.free_box.setVisible(False)
         grid.setRowStretch(0, 1)
+        grid.setRowStretch(2, 1)  # the data-free row shares the height instead of squashing the loss plots
+        for plot in (self.loss_plot, self.converged_plot, self.generator_plot):
+            plot.setMinimumHeight(self.fontMetrics().height() * 12)
 
         self.log = QPlainTextEdit()  # shown in the main window's log dock
         self.log.setReadOnly(True)
