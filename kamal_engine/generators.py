@@ -65,15 +65,7 @@ class GeneratedImages:
         return x * std + mean
 
     def for_teacher(self, x: torch.Tensor, teacher: Preprocessing) -> torch.Tensor:
-        same = tuple(teacher.mean) == tuple(self.student.mean) and tuple(teacher.std) == tuple(self.student.std)
-        if not same:
-            pixels = self.to_pixels(x)
-            mean = torch.tensor(teacher.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-            std = torch.tensor(teacher.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-            x = (pixels - mean) / std
-        if tuple(x.shape[-2:]) != tuple(teacher.input_size):
-            x = F.interpolate(x, size=tuple(teacher.input_size), mode="bilinear", align_corners=False)
-        return x
+        return x if teacher == self.student else teacher(self.to_pixels(x))
 
     def preview(self, x: torch.Tensor, count: int = 16) -> torch.Tensor:
         """uint8 (count, 3, H, W) for the SamplesGenerated event."""

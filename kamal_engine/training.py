@@ -88,14 +88,19 @@ def teacher_targets(selection: TaskSelection, images: torch.Tensor, device: torc
                 cancel.check()
             logits = teacher.model(teacher.preprocessing(images[start:start + batch_size].to(device))).float()
             chunks.append(logits[:, outputs].cpu())
-        logits = torch.cat(chunks)
-        probs, col = [], 0
-        for task in tasks:
-            part = logits[:, col:col + len(task.outputs)]
-            probs.append(torch.sigmoid(part) if task.kind == "multilabel" else torch.softmax(part, dim=1))
-            col += len(task.outputs)
-        targets.append(torch.cat(probs, 1))
+        targets.append(task_probabilities(torch.cat(chunks), tasks))
     return targets
+
+
+def task_probabilities(logits: torch.Tensor, tasks: Sequence[Task]) -> torch.Tensor:
+    """Soft targets of the columns of ``tasks``: a sigmoid per multi-label output, a softmax within each
+    multi-class task (renormalised over its selected classes)."""
+    probs, col = [], 0
+    for task in tasks:
+        part = logits[:, col:col + len(task.outputs)].float()
+        probs.append(torch.sigmoid(part) if task.kind == "multilabel" else torch.softmax(part, dim=1))
+        col += len(task.outputs)
+    return torch.cat(probs, 1)
 
 
 def task_losses(logits: torch.Tensor, targets: torch.Tensor, tasks: Sequence[Task]) -> torch.Tensor:

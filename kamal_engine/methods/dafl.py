@@ -33,7 +33,7 @@ import torch
 from ..datafree import activation_loss, information_entropy_loss, one_hot_loss
 from ..events import SamplesGenerated, StageStarted
 from ..generators import DCGANGenerator, GeneratedImages
-from ..training import autocast, set_mode, task_losses
+from ..training import autocast, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
 from .common import RunContext, loss_dict, whole_student
 
@@ -111,7 +111,7 @@ def run(ctx: RunContext) -> MethodResult:
                 teacher_logits = teachers(x)[0]
         # Module 2: the student by KD on the same images (Eq. 1); the teachers are fixed, so their
         # logits from the generator's pass are the targets
-        targets = torch.cat(_probabilities(teacher_logits, tasks), 1)
+        targets = task_probabilities(teacher_logits, tasks)
         with autocast(device, ctx.precision):
             per_task = task_losses(student(x), targets, tasks)
         loss = per_task.sum() / len(tasks)
@@ -135,16 +135,6 @@ def run(ctx: RunContext) -> MethodResult:
     report = {"epochs": epochs, "iterations": iterations, "source": p["source"],
               "generated_images": epochs * iterations * batch}
     return MethodResult(student, "stage", report)
-
-
-def _probabilities(logits: torch.Tensor, tasks) -> list[torch.Tensor]:
-    """Soft targets per task: sigmoid per multi-label output, softmax within a multi-class task."""
-    out, col = [], 0
-    for task in tasks:
-        z = logits[:, col:col + len(task.outputs)].float()
-        out.append(torch.sigmoid(z) if task.kind == "multilabel" else torch.softmax(z, 1))
-        col += len(task.outputs)
-    return out
 
 
 METHOD = MethodInfo(
