@@ -39,6 +39,7 @@ STAGE_TITLES = {
     "evaluate-branch-points": "Evaluating every branch point on the validation set …",
     "finetune": "Fine-tuning the TargetNet",
     "train": "Training",
+    "generator": "Training the generator against the teachers",
     "evaluate": "Evaluating the teachers and the student …",
     "export": "Exporting the student to ONNX and checking it with ONNX Runtime …",
 }

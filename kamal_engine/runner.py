@@ -195,13 +195,13 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
 
     size = max(max(t.preprocessing.input_size) for t in teachers)
     size = (max(size, max(student_pre.input_size)),) * 2
-    emit(StageStarted("load-images"))
-    images = None
-    if recipe.unlabeled:
+    images, targets = None, None
+    if recipe.unlabeled:  # data mode; a data-free run has no images to load or predict on
+        emit(StageStarted("load-images"))
         images = UnlabeledImages.from_folder(recipe.unlabeled, size, cancel=cancel,
                                              progress=lambda done, total: emit(Progress("load-images", done, total)))
-    emit(StageStarted("teacher-targets"))
-    targets = teacher_targets(selection, images.images, device, cancel=cancel) if images is not None else None
+        emit(StageStarted("teacher-targets"))
+        targets = teacher_targets(selection, images.images, device, cancel=cancel)
 
     validation = read_labelled(recipe.validation) if recipe.validation else None
 
@@ -213,7 +213,7 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
     try:
         ctx = RunContext(selection, student_model, arch, kwargs, student_pre, images, targets, device,
                          recipe.precision, params, recipe.seed, emit, cancel, metrics, checkpointer,
-                         evaluate_net if validation is not None else None)
+                         evaluate_net if validation is not None else None, method.id)
         result = method.run(ctx)
     finally:
         metrics.close()

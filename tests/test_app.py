@@ -75,8 +75,8 @@ def test_start_is_disabled_with_a_visible_reason_until_everything_is_chosen(wind
     window.data_page.mode_free.setChecked(True)
     assert window.session.mode == "data-free" and "folder of unlabeled images" not in window.start_reason.text()
     # only the data-free methods are offered, and Start still says what is missing
-    assert window.data_page.methods.count() == 1 and window.session.method == "dafl"
-    assert "Chen et al." in window.data_page.method_info.text()
+    assert window.data_page.methods.count() == 2 and window.session.method == "dual-gan"
+    assert "Group-Stack Dual-GAN" in window.data_page.method_info.text()
     assert "tick at least one label" in window.start_reason.text()
     window.data_page.mode_data.setChecked(True)
     assert window.data_page.methods.count() == 2 and window.session.method == "filtered-ka"

@@ -16,6 +16,7 @@ from ..errors import KamalError
 MODULES = {
     "filtered-ka": "kamal_engine.methods.filtered_ka",
     "kd": "kamal_engine.methods.kd",
+    "dual-gan": "kamal_engine.methods.dual_gan",
     "dafl": "kamal_engine.methods.dafl",
 }
 

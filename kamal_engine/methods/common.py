@@ -35,6 +35,7 @@ class RunContext:
     metrics: MetricsLog
     checkpoint: Any  # runner.Checkpointer: load() -> dict | None, save(dict)
     evaluate: Callable[[Any], Any] | None  # TargetNet -> Evaluation, when a validation set is given
+    method_id: str = ""
 
     def phase_seed(self, phase: int) -> int:
         """A seed per phase (block, fine-tuning...), so a resumed run repeats the same draws."""

@@ -26,9 +26,13 @@ weight decay 5e-3 (momentum 0.9 is our choice; the paper does not give it). The 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ..backbones import split_model
+from ..backbones.blocks import BlockNet
 from ..errors import KamalError
 from ..events import BlockConverged, BranchPlanChosen, StageStarted
 from ..filters import build_filter, filter_spec
@@ -60,23 +64,57 @@ def assemble(plan: dict[str, int], trunk_blocks, trunk_names, teacher_nets, filt
                      groups_out)
 
 
-def run(ctx: RunContext) -> MethodResult:
-    p, selection, device = ctx.params, ctx.selection, ctx.device
-    granularity = p["granularity"]
-    teachers = selection.teachers
+@dataclass
+class PairedBlocks:
+    """Student block k paired with block k of every teacher, and the filter spec joining them."""
+
+    student: BlockNet
+    teachers: list[BlockNet]
+    student_shapes: list[tuple[int, ...]]  # (C, H, W) of each student block's output
+    specs: list[list[dict]]  # specs[k-1][n]: student block k -> teacher n's block k+1
+
+    @property
+    def names(self) -> list[str]:
+        return self.student.block_names
+
+
+def pair_blocks(ctx: RunContext, granularity: str, reduction: int) -> PairedBlocks:
+    """The student and the teachers as blocks at ``granularity``; an error naming the teacher when the
+    block counts differ (the block-wise methods pair block k of the student with block k of each teacher)."""
+    teachers = ctx.selection.teachers
     teacher_nets = [t.blocks(granularity) for t in teachers]
     student_net = split_model(ctx.student, ctx.student_arch, granularity)
     n_blocks = len(student_net)
     for teacher, net in zip(teachers, teacher_nets):
         if len(net) != n_blocks:
             raise KamalError(f"teacher '{teacher.name}' ({teacher.arch}) has {len(net)} blocks at '{granularity}' "
-                             f"granularity and the student ({ctx.student_arch}) has {n_blocks}; filtered-ka pairs "
+                             f"granularity and the student ({ctx.student_arch}) has {n_blocks}; {ctx.method_id} pairs "
                              "block k of the student with block k of every teacher: choose a student with as many "
                              "blocks or another granularity", teacher.source)
     student_shapes = student_net.output_shapes(ctx.student_preprocessing.input_size)
     teacher_shapes = [net.output_shapes(t.preprocessing.input_size) for t, net in zip(teachers, teacher_nets)]
-    specs = [[filter_spec(student_shapes[k], teacher_shapes[n][k], p["reduction"]) for n in range(len(teachers))]
+    specs = [[filter_spec(student_shapes[k], teacher_shapes[n][k], reduction) for n in range(len(teachers))]
              for k in range(n_blocks)]
+    return PairedBlocks(student_net, teacher_nets, student_shapes, specs)
+
+
+def ap_by_block(ctx: RunContext, build: Callable[[dict[str, int]], TargetNet], names: list[str]) -> dict:
+    """The paper's Fig. 3 as a table: AP of the TargetNet with every task branching at block k."""
+    ctx.emit(StageStarted("evaluate-branch-points", blocks=len(names)))
+    table = {}
+    for k in range(1, len(names) + 1):
+        evaluation = ctx.evaluate(build({t.name: k for t in ctx.selection.tasks}).to(ctx.device))
+        table[names[k - 1]] = {"ap": evaluation.ap, "mean_ap": evaluation.mean_ap}
+    return table
+
+
+def run(ctx: RunContext) -> MethodResult:
+    p, selection, device = ctx.params, ctx.selection, ctx.device
+    granularity = p["granularity"]
+    teachers = selection.teachers
+    paired = pair_blocks(ctx, granularity, p["reduction"])
+    teacher_nets, student_net, specs = paired.teachers, paired.student, paired.specs
+    n_blocks = len(student_net)
     active = [n for n in range(len(teachers)) if selection.tasks_of(n)]
     tasks_of = {n: selection.tasks_of(n) for n in active}
     outputs_of = {n: [o for t in tasks_of[n] for o in t.outputs] for n in active}
@@ -162,13 +200,8 @@ def run(ctx: RunContext) -> MethodResult:
         "converged_loss": {task: dict(zip(names, losses)) for task, losses in converged.items()},
         "branch_points": {task: names[k - 1] for task, k in plan.items()},
     }
-    if ctx.evaluate is not None and p["ap_by_block"]:
-        ctx.emit(StageStarted("evaluate-branch-points", blocks=n_blocks))
-        report["ap_by_block"] = {}
-        for k in range(1, n_blocks + 1):  # the paper's Fig. 3: every task branching at block k, before fine-tuning
-            net = build({t.name: k for t in selection.tasks}).to(device)
-            evaluation = ctx.evaluate(net)
-            report["ap_by_block"][names[k - 1]] = {"ap": evaluation.ap, "mean_ap": evaluation.mean_ap}
+    if ctx.evaluate is not None and p["ap_by_block"]:  # before fine-tuning, as the paper's Fig. 3
+        report["ap_by_block"] = ap_by_block(ctx, build, names)
 
     net = build(plan).to(device)
     if state.get("finetuned"):
