@@ -80,7 +80,7 @@ def information_entropy_loss(logits: torch.Tensor, tasks: Sequence[Task]) -> tor
             m = torch.sigmoid(z).mean(0).clamp(EPS, 1 - EPS)
             terms.append((m * m.log() + (1 - m) * (1 - m).log()).mean())
         else:
-            p = F.softmax(z, 1).mean(0).clamp_min(EPS)
+            p = F.softmax(z, 1).mean(0).clamp_min(1e-12)  # only log 0 to avoid; no 1 - p here
             terms.append((p * p.log()).sum() / p.numel())  # -H_info(p), H_info(p) = -1/k Σ p log p
     return torch.stack(terms).mean()
 
