@@ -65,7 +65,7 @@ from ..targetnet import choose_branch_points
 from ..training import autocast, poly_schedule, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
 from .common import RunContext, loss_dict
-from .filtered_ka import ap_by_block, assemble, pair_blocks
+from .filtered_ka import ap_by_block, assemble, filters_state, pair_blocks, restore_filters
 
 FINETUNE_PHASE, EVAL_PHASE, BLOCK_PHASE = 2000, 3000, 1000
 
@@ -128,6 +128,10 @@ def run(ctx: RunContext) -> MethodResult:
             features.append(h)
         return torch.cat(logits, 1), features
 
+    def generated_batches():
+        """One epoch: ``iterations`` steps; the indices only tell the loop the batch size (images are drawn)."""
+        return (torch.arange(batch) for _ in range(iterations))
+
     def noise(count: int, draw: torch.Generator) -> torch.Tensor:
         return torch.randn(count, p["latent_dim"], generator=draw).to(device)
 
@@ -163,12 +167,11 @@ def run(ctx: RunContext) -> MethodResult:
 
     for epoch in range(generator_done + 1, p["generator_epochs"] + 1):
         draw = torch.Generator().manual_seed(ctx.phase_seed(epoch))
-        loop.run_epoch((torch.arange(batch) for _ in range(iterations)), lambda idx: generator_step(draw),
+        loop.run_epoch(generated_batches(), lambda idx: generator_step(draw),
                        "generator", None, epoch)
-        ctx.checkpoint.save({"generator_epochs_done": epoch, "step": loop.state.step,
-                             "generator": generator.state_dict(), "group_filters": group_filters.state_dict(),
-                             "opt_generator": opt_g.state_dict()})
-        state = ctx.checkpoint.load()
+        state = {"generator_epochs_done": epoch, "step": loop.state.step, "generator": generator.state_dict(),
+                 "group_filters": group_filters.state_dict(), "opt_generator": opt_g.state_dict()}
+        ctx.checkpoint.save(state)
 
     # Step II: the dual generator (the student), block by block (Eq. 13-17). G stays in train mode
     # (its batch norms use the batch's statistics, as while it was trained) but gets no gradients.
@@ -198,10 +201,7 @@ def run(ctx: RunContext) -> MethodResult:
     filters: dict[tuple[int, int], nn.Module] = {}
     if blocks_done:
         ctx.student.load_state_dict(state["student"])
-        for key, sd in state["filters"].items():
-            k, n = map(int, key.split(":"))
-            filters[(k, n)] = build_filter(specs[k - 1][n]).to(device)
-            filters[(k, n)].load_state_dict(sd)
+        filters = restore_filters(state["filters"], specs, device)
     eval_draw_seed = ctx.phase_seed(EVAL_PHASE)
 
     for b in range(blocks_done + 1, n_blocks + 1):
@@ -233,7 +233,7 @@ def run(ctx: RunContext) -> MethodResult:
             return {**loss_dict(loss, per_task, selection), **extra}
 
         for epoch in range(1, p["epochs_per_block"] + 1):
-            loop.run_epoch((torch.arange(batch) for _ in range(iterations)), lambda idx: block_step(), "amalgamate",
+            loop.run_epoch(generated_batches(), lambda idx: block_step(), "amalgamate",
                            b, epoch)
 
         # η^{b,m}: the block's final weights, eval mode, a fixed set of generated images, the image stream
@@ -251,10 +251,9 @@ def run(ctx: RunContext) -> MethodResult:
             converged[task].append(value)
         ctx.emit(BlockConverged(b, names[b - 1], values))
         filters.update({(b, n): f for n, f in fb.items()})
-        ctx.checkpoint.save({**state, "blocks_done": b, "step": loop.state.step, "converged": converged,
-                             "student": ctx.student.state_dict(),
-                             "filters": {f"{k}:{n}": f.state_dict() for (k, n), f in filters.items()}})
-        state = ctx.checkpoint.load()
+        state = {**state, "blocks_done": b, "step": loop.state.step, "converged": converged,
+                 "student": ctx.student.state_dict(), "filters": filters_state(filters)}
+        ctx.checkpoint.save(state)
 
     # Step III: per-teacher branch-out (Eq. 18) and the TargetNet (Eq. 19-20)
     by_teacher = {teachers[n].name: [sum(converged[t.name][k] for t in selection.tasks_of(n)) / len(selection.tasks_of(n))
@@ -302,7 +301,7 @@ def run(ctx: RunContext) -> MethodResult:
             return loss_dict(loss, per_task, selection)
 
         for epoch in range(1, p["finetune_epochs"] + 1):
-            loop.run_epoch((torch.arange(batch) for _ in range(iterations)), lambda idx: finetune_step(), "finetune",
+            loop.run_epoch(generated_batches(), lambda idx: finetune_step(), "finetune",
                            None, epoch)
         ctx.checkpoint.save({**state, "finetuned": True, "step": loop.state.step, "targetnet": net.state_dict()})
     net.eval()

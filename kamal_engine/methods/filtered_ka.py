@@ -98,6 +98,21 @@ def pair_blocks(ctx: RunContext, granularity: str, reduction: int) -> PairedBloc
     return PairedBlocks(student_net, teacher_nets, student_shapes, specs)
 
 
+def filters_state(filters: dict[tuple[int, int], torch.nn.Module]) -> dict[str, dict]:
+    """The trained filters f_k^n for a checkpoint, keyed ``"k:n"``."""
+    return {f"{k}:{n}": f.state_dict() for (k, n), f in filters.items()}
+
+
+def restore_filters(saved: dict[str, dict], specs: list[list[dict]], device) -> dict[tuple[int, int], torch.nn.Module]:
+    """The filters of :func:`filters_state`, rebuilt from their specs."""
+    filters = {}
+    for key, state_dict in saved.items():
+        k, n = map(int, key.split(":"))
+        filters[(k, n)] = build_filter(specs[k - 1][n]).to(device)
+        filters[(k, n)].load_state_dict(state_dict)
+    return filters
+
+
 def ap_by_block(ctx: RunContext, build: Callable[[dict[str, int]], TargetNet], names: list[str]) -> dict:
     """The paper's Fig. 3 as a table: AP of the TargetNet with every task branching at block k."""
     ctx.emit(StageStarted("evaluate-branch-points", blocks=len(names)))
@@ -134,10 +149,7 @@ def run(ctx: RunContext) -> MethodResult:
     filters: dict[tuple[int, int], torch.nn.Module] = {}
     if blocks_done:
         ctx.student.load_state_dict(state["student"])
-        for key, sd in state["filters"].items():
-            k, n = map(int, key.split(":"))
-            filters[(k, n)] = build_filter(specs[k - 1][n]).to(device)
-            filters[(k, n)].load_state_dict(sd)
+        filters = restore_filters(state["filters"], specs, device)
     loop = ctx.loop(total, state.get("step", 0))
 
     def forward_tasks(k: int, x: torch.Tensor, fk: dict[int, torch.nn.Module]) -> torch.Tensor:
@@ -184,7 +196,7 @@ def run(ctx: RunContext) -> MethodResult:
         ctx.checkpoint.save({
             "blocks_done": k, "step": loop.state.step, "converged": converged,
             "student": ctx.student.state_dict(),
-            "filters": {f"{kk}:{n}": f.state_dict() for (kk, n), f in filters.items()},
+            "filters": filters_state(filters),
         })
 
     plan = choose_branch_points(converged)
