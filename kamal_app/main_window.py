@@ -170,7 +170,7 @@ class MainWindow(QMainWindow):
         elif reasons:
             text = "Start needs: " + "; ".join(reasons) + "."
         else:
-            text = (f"Ready: {self.session.selected_count()} labels from {len(self.session.teachers)} teacher(s), "
+            text = (f"Ready: {self.session.distinct_count()} labels from {len(self.session.teachers)} teacher(s), "
                     f"method {self.session.method}.")
         if text != self.start_reason.text():  # a new text re-lays out the window: only when it changed
             self.start_reason.setText(text)

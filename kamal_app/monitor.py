@@ -122,7 +122,7 @@ class RunMonitor:
         self.total_steps = event.total_steps
         self.eta_seconds = event.eta_seconds
         self.images_per_second = event.images_per_second
-        where = f"Block {event.block} · " if event.block else ""
+        where = "" if not event.block else f"{'Net' if event.stage == 'component' else 'Block'} {event.block} · "
         loss = event.losses.get("loss", math.nan)
         self.stage_text = (f"{event.stage.capitalize()} · {where}epoch {event.epoch} · "
                            f"{event.images_per_second:.0f} img/s · loss {loss:.4f}")

@@ -90,6 +90,10 @@ class StudioSession(QObject):
     def selected_count(self) -> int:
         return sum(len(t.selected) for t in self.teachers)
 
+    def distinct_count(self) -> int:
+        """Selected labels counted once however many teachers they are ticked in."""
+        return len({label for t in self.teachers for label in t.selected})
+
     def label_owners(self) -> dict[str, list[str]]:
         """Label name → the names of the teachers offering it."""
         owners: dict[str, list[str]] = {}
@@ -107,8 +111,9 @@ class StudioSession(QObject):
             reasons.append("tick at least one label (Labels page)")
         else:
             clash = [label for label, n in self._selected_owners().items() if n > 1]
-            if clash:
-                reasons.append(f"label {clash[0]!r} is ticked in more than one teacher: tick it in one only")
+            if clash and not self.shares_labels():
+                reasons.append(f"label {clash[0]!r} is ticked in more than one teacher: tick it in one only, or "
+                               "choose adaptive-ka, which learns a label from every teacher that has it")
         if self.mode == "data" and self.unlabeled is None:
             reasons.append("choose a folder of unlabeled images, or switch to data-free (Data & method page)")
         if self.method not in method_ids(self.mode):
@@ -116,6 +121,10 @@ class StudioSession(QObject):
         if self.output_dir is None:
             reasons.append("choose an output folder (Data & method page)")
         return reasons
+
+    def shares_labels(self) -> bool:
+        """Whether the chosen method learns a label ticked in several teachers from all of them."""
+        return self.method in MODULES and get_method(self.method).shared_labels
 
     def _selected_owners(self) -> dict[str, int]:
         counts: dict[str, int] = {}

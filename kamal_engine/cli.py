@@ -261,6 +261,11 @@ def cmd_demo(args) -> int:
             elif target.exists():
                 target.unlink()
         manifest = demo.build_demo(root, config, device, log=_log)
+    if args.heterogeneous:
+        if "heterogeneous" not in manifest or not all(p.is_file() for p in demo.heterogeneous_paths(root)):
+            manifest = demo.build_heterogeneous(root, config, device, log=_log)
+        else:
+            _log("The heterogeneous source teachers are already built (--force rebuilds everything).")
     if args.json:
         _print_json({"workspace": str(root), **manifest})
         return 0
@@ -275,7 +280,14 @@ def cmd_demo(args) -> int:
             for t in teachers]
     print("Per-label AP on the validation split:")
     print(format_table(["teacher"] + labels, rows, right=tuple(range(1, len(labels) + 1))))
-    print(f"\nRecipes: {', '.join(manifest['recipes'])}")
+    if "heterogeneous" in manifest:
+        sources = manifest["heterogeneous"]["teachers"]
+        print("\nHeterogeneous source teachers (for adaptive-ka):")
+        print(format_table(["teacher", "file", "labels", "validation mAP"],
+                           [[t["name"], t["file"], ", ".join(t["labels"]), _fmt(t["validation"]["mean_ap"])]
+                            for t in sources], right=(3,)))
+    recipes = manifest["recipes"] + ([manifest["heterogeneous"]["recipe"]] if "heterogeneous" in manifest else [])
+    print(f"\nRecipes: {', '.join(recipes)}")
     return 0
 
 
@@ -313,7 +325,7 @@ class ProgressPrinter:
                 return
             self.last = now
             frac = event.step / max(1, event.total_steps)
-            where = f"block {event.block} " if event.block else ""
+            where = "" if not event.block else f"{'net' if event.stage == 'component' else 'block'} {event.block} "
             text = (f"[{'#' * int(frac * 24):<24}] {frac:4.0%}  {event.stage} {where}epoch {event.epoch}  "
                     f"loss {event.losses.get('loss', float('nan')):.4f}  {event.images_per_second:.0f} img/s  "
                     f"ETA {format_duration(event.eta_seconds)}")
@@ -377,15 +389,18 @@ def cmd_run(args) -> int:
         print("Branch points: " + ", ".join(f"{k} → {v}" for k, v in report["branch_points"].items()))
     val = report.get("validation")
     if val:
+        best = {}  # per label, the best AP of the teachers it was learned from
+        for t in val["teachers"].values():
+            for label, ap in t["ap"].items():
+                if ap is not None:
+                    best[label] = max(ap, best.get(label, ap))
         rows = []
         for label in report["labels"]:
-            teacher_ap = next((t["ap"][label] for t in val["teachers"].values() if label in t["ap"]), None)
-            student_ap = val["student"]["ap"].get(label)
+            teacher_ap, student_ap = best.get(label), val["student"]["ap"].get(label)
             diff = "" if teacher_ap is None or student_ap is None else f"{student_ap - teacher_ap:+.4f}"
             rows.append([label, _fmt(teacher_ap), _fmt(student_ap), diff])
-        teacher_maps = [t["mean_ap"] for t in val["teachers"].values() if t["mean_ap"] is not None]
-        rows.append(["mAP", _fmt(sum(teacher_maps) / len(teacher_maps)) if teacher_maps else "n/a",
-                     _fmt(val["student"]["mean_ap"]), ""])
+        known = [best[label] for label in report["labels"] if label in best]
+        rows.append(["mAP", _fmt(sum(known) / len(known)) if known else "n/a", _fmt(val["student"]["mean_ap"]), ""])
         print(format_table(["label", "teacher AP", "student AP", "difference"], rows, right=(1, 2, 3)))
     onnx = report.get("onnx")
     if onnx and onnx.get("error"):
@@ -416,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder for the workspace (created if missing)")
     p.add_argument("--force", action="store_true", help="rebuild even if DIR already holds a built workspace")
     p.add_argument("--quick", action="store_true", help="a tiny workspace in seconds (weaker teachers), for trying commands")
+    p.add_argument("--heterogeneous", action="store_true",
+                   help="also train four source teachers of mixed architectures with overlapping labels and write "
+                        "recipes/adaptive-ka.toml (about three minutes more on a laptop CPU)")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu, repeatable)")
     p.add_argument("--json", action="store_true", help="print the workspace manifest as JSON")
     p.set_defaults(func=cmd_demo)

@@ -13,7 +13,13 @@ A miniature of the papers' PASCAL VOC setting, built offline in about a minute o
 * two teachers fine-tuned on disjoint label sets (digits 0-4 and 5-9), saved one as a native bundle
   and one as a bare ``state_dict`` + ``labels.txt`` (so the foreign-import path is used), with
   different preprocessing (digit statistics vs the torchvision/ImageNet default);
-* one recipe per mode in ``recipes/`` (paths relative to the recipe file).
+* one recipe per mode in ``recipes/`` (paths relative to the recipe file);
+* optionally (``kamal demo DIR --heterogeneous``, :func:`build_heterogeneous`) four more "source"
+  teachers for ``adaptive-ka`` of three architectures (two SmallNets, torchvision's ResNet-18 and
+  LeNet-5, which has 3 conv blocks and no batch norm), each trained from scratch on half of the
+  teacher-train split, with overlapping label sets so that every digit is covered by
+  two teachers of different architectures; and ``recipes/adaptive-ka.toml``, which asks for four
+  labels (zero, three, five, eight) from all of them, like the paper's four mouth attributes.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -320,5 +326,113 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
         "recipes": [str(p.relative_to(root)) for p in recipes],
         "build_seconds": round(time.monotonic() - started, 1),
     }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@dataclass(frozen=True)
+class SourceTeacher:
+    """One of the heterogeneous demo's source teachers."""
+
+    name: str
+    arch: str
+    arch_kwargs: dict
+    digits: tuple[int, ...]
+    half: int  # which half of the teacher-train split it learns from
+    epochs: int  # LeNet-5 (no batch norm) needs many more epochs than the residual nets
+
+
+HETEROGENEOUS_TEACHERS = (
+    SourceTeacher("src1_smallnet16", "smallnet", {"width": 16, "depth": [1, 1, 1, 1]}, (0, 1, 2, 3, 4), 0, 4),
+    SourceTeacher("src2_resnet18", "resnet18", {}, (3, 4, 5, 6, 7), 1, 3),
+    SourceTeacher("src3_smallnet8deep", "smallnet", {"width": 8, "depth": [2, 2, 2, 2]}, (5, 6, 7, 8, 9), 0, 4),
+    SourceTeacher("src4_lenet5", "lenet5", {"width": 1.0}, (8, 9, 0, 1, 2), 1, 25),
+)
+HETEROGENEOUS_LABELS = (0, 3, 5, 8)  # what recipes/adaptive-ka.toml selects: each from two teachers
+
+ADAPTIVE_RECIPE_HEAD = """\
+# KAmal Studio recipe written by `kamal demo --heterogeneous` (data mode). Paths are relative to this file.
+# Four source teachers of two architectures with overlapping labels; each selected label is covered by
+# two of them, and adaptive-ka learns it from both (component nets), then builds the target net.
+# Run it with:  kamal run recipes/adaptive-ka.toml
+[run]
+name = "demo-adaptive-ka"
+output_dir = "../runs/adaptive-ka"
+device = "auto"
+seed = 0
+precision = "auto"
+"""
+
+ADAPTIVE_RECIPE_TAIL = """
+[student]
+arch = "smallnet"
+init = "teacher"
+teacher = 1
+
+[data]
+mode = "data"
+unlabeled = "../data/unlabeled"
+validation = "../data/validation/labels.csv"
+image_size = {size}
+
+[method]
+id = "adaptive-ka"
+
+[export]
+onnx = "../runs/adaptive-ka/student.onnx"
+opset = 18
+"""
+
+
+def heterogeneous_paths(root: Path, sources: Sequence[SourceTeacher] = HETEROGENEOUS_TEACHERS) -> list[Path]:
+    return [Path(root) / "teachers" / "heterogeneous" / f"{t.name}.kamal.pt" for t in sources]
+
+
+def read_split(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled split the builder wrote: grayscale uint8 (N, 56, 56) and 0/1 targets (N, 10)."""
+    with open(folder / "labels.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    images = np.stack([np.asarray(Image.open(folder / row[0]).convert("L")) for row in rows])
+    return images, np.array([[int(v) for v in row[1:]] for row in rows], dtype=np.int64)
+
+
+def build_heterogeneous(root: str | Path, config: DemoConfig | None = None, device: str | torch.device = "cpu",
+                        log: Log = print, sources: Sequence[SourceTeacher] = HETEROGENEOUS_TEACHERS,
+                        labels: Sequence[int] = HETEROGENEOUS_LABELS) -> dict:
+    """Add the heterogeneous source teachers and ``recipes/adaptive-ka.toml`` (selecting ``labels``
+    from every source that has them) to a built workspace."""
+    config, root, device = config or DemoConfig(), Path(root), torch.device(device)
+    if not is_complete(root):
+        raise ValueError(f"{root} is not a built demo workspace; build it first")
+    started = time.monotonic()
+    images, targets = read_split(root / "data" / "teacher-train")
+    halves = np.array_split(np.arange(len(images)), 2)
+    preprocessing = Preprocessing(SIZE, (float(images.mean() / 255.0),) * 3, (float(images.std() / 255.0),) * 3)
+    paths = heterogeneous_paths(root, sources)
+    for source, path in zip(sources, paths):
+        rows = halves[source.half]
+        log(f"Training source teacher {source.name} ({source.arch} {source.arch_kwargs}) on labels "
+            f"{', '.join(DIGIT_NAMES[d] for d in source.digits)} ({len(rows)} images, {source.epochs} "
+            f"epochs, {device}) …")
+        model = train_teacher(images[rows], targets[rows][:, list(source.digits)], preprocessing, config, device, log,
+                              source.name, epochs=source.epochs, arch=source.arch,
+                              arch_kwargs=source.arch_kwargs)
+        Teacher(source.name, source.arch, [DIGIT_NAMES[d] for d in source.digits], "multilabel", preprocessing,
+                model, arch_kwargs=dict(source.arch_kwargs)).save(path)
+    recipe = root / "recipes" / "adaptive-ka.toml"
+    text = ADAPTIVE_RECIPE_HEAD
+    for source in sources:
+        chosen = [f'"{DIGIT_NAMES[d]}"' for d in source.digits if d in labels]
+        text += (f'\n[[teachers]]\ncheckpoint = "../teachers/heterogeneous/{source.name}.kamal.pt"\n'
+                 f"select = [{', '.join(chosen)}]\n")
+    recipe.write_text(text + ADAPTIVE_RECIPE_TAIL.format(size=SIZE))
+    log("Evaluating the source teachers on the validation split …")
+    validation = read_labelled_csv(root / "data" / "validation" / "labels.csv")
+    teachers = [load_teacher(path) for path in paths]
+    results = [(t, evaluate_teacher(t, validation, device=device)) for t in teachers]
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["heterogeneous"] = {"teachers": teacher_summaries(root, results),
+                                 "recipe": str(recipe.relative_to(root)),
+                                 "build_seconds": round(time.monotonic() - started, 1)}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

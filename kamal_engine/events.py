@@ -40,6 +40,7 @@ STAGE_TITLES = {
     "finetune": "Fine-tuning the TargetNet",
     "train": "Training",
     "generator": "Training the generator against the teachers",
+    "target": "Training the target net",
     "evaluate": "Evaluating the teachers and the student …",
     "export": "Exporting the student to ONNX and checking it with ONNX Runtime …",
 }
@@ -53,6 +54,8 @@ def format_duration(seconds: float) -> str:
 
 def describe_stage(event: StageStarted) -> str:
     """A one-line, human description of a stage (the CLI and the app print the same)."""
+    if event.block and event.stage == "component":
+        return f"Component net {event.block}/{event.blocks} ({event.block_name}): {event.epochs} epochs"
     if event.block:
         return f"Block {event.block}/{event.blocks} ({event.block_name}): {event.epochs} epochs"
     title = STAGE_TITLES.get(event.stage, event.stage)

@@ -187,7 +187,7 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
     seed_everything(recipe.seed)
     device = resolve_device(recipe.device)
     teachers = [entry.load() for entry in recipe.teachers]
-    selection = TaskSelection.build(teachers, [entry.select for entry in recipe.teachers])
+    selection = TaskSelection.build(teachers, [entry.select for entry in recipe.teachers], shared=method.shared_labels)
     student_model, arch, kwargs, student_pre = build_student(recipe, selection)
     (out / "recipe.toml").write_text(recipe.to_toml())
     emit(RunStarted(recipe.name, method.id, str(device), str(out), 0,
@@ -213,7 +213,7 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
     try:
         ctx = RunContext(selection, student_model, arch, kwargs, student_pre, images, targets, device,
                          recipe.precision, params, recipe.seed, emit, cancel, metrics, checkpointer,
-                         evaluate_net if validation is not None else None, method.id)
+                         evaluate_net if validation is not None else None, method.id, out)
         result = method.run(ctx)
     finally:
         metrics.close()
@@ -224,8 +224,8 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
     report: dict[str, Any] = {
         "engine_version": __version__, "method": method.id, "params": params, "device": str(device),
         "labels": selection.labels,
-        "tasks": [{"name": t.name, "teacher": teachers[t.teacher].name, "kind": t.kind, "labels": list(t.labels)}
-                  for t in selection.tasks],
+        "tasks": [{"name": t.name, "teacher": teachers[t.teacher].name, "kind": t.kind, "labels": list(t.labels),
+                   "teachers": [teachers[n].name for n, _ in t.sources]} for t in selection.tasks],
         **result.report,
         "targetnet": student.net.describe(),
     }
@@ -237,12 +237,12 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
                               "flops": count_flops(t.model, t.preprocessing.input_size)} for t in teachers},
     }
     report["size"]["student_vs_teachers_parameters"] = report["size"]["student"]["parameters"] / sum(
-        report["size"]["teachers"][t.name]["parameters"] for n, t in enumerate(teachers) if selection.tasks_of(n))
+        report["size"]["teachers"][t.name]["parameters"] for n, t in enumerate(teachers) if selection.covered_by(n))
     if validation is not None:
         emit(StageStarted("evaluate"))
         report["validation"] = {"data": str(recipe.validation), "teachers": {}, "student": None}
         for n, teacher in enumerate(teachers):
-            if not selection.tasks_of(n):  # kept in the recipe with select = [], teaches nothing
+            if not selection.covered_by(n):  # kept in the recipe with select = [], teaches nothing
                 continue
             ev = evaluate_teacher_on_selection(teacher, selection, n, validation, device)
             report["validation"]["teachers"][teacher.name] = ev.to_dict()
@@ -296,9 +296,9 @@ def evaluate_student(student, data, device=None) -> Evaluation:
 
 def evaluate_teacher_on_selection(teacher, selection: TaskSelection, n: int, data, device) -> Evaluation:
     """A teacher on the labels selected from it (its AP does not depend on the other outputs)."""
-    tasks = selection.tasks_of(n)
-    outputs = [o for t in tasks for o in t.outputs]
-    labels = [label for t in tasks for label in t.labels]
+    covered = selection.covered_by(n)
+    outputs = [o for _, columns in covered for o in columns]
+    labels = [label for t, _ in covered for label in t.labels]
     teacher.model.to(device)
     if teacher.task == "multiclass" and data.task == "multiclass":
         def predict(x):

@@ -174,7 +174,7 @@ class DataMethodPage(QWidget):
         self.method_info.setWordWrap(True)
         self.method_info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         v.addWidget(self.method_info)
-        params_box = QGroupBox("Hyper-parameters (defaults from the paper)")
+        params_box = QGroupBox("Hyper-parameters (defaults: the paper's where it gives them; see the tooltips)")
         self.params_form = QFormLayout(params_box)
         v.addWidget(params_box)
         right.addWidget(method_box)

@@ -24,8 +24,8 @@ class LabelsPage(QWidget):
         self._sync.timeout.connect(self._push_to_session)
         layout = QVBoxLayout(self)
         layout.addWidget(page_header(
-            "Labels", "Tick the labels the student should predict. Each label comes from one teacher; a label that "
-            "several teachers offer is marked, tick it in one of them."))
+            "Labels", "Tick the labels the student should predict. A label that several teachers offer is in italics: "
+            "tick it in one of them, or in several with the adaptive-ka method, which learns it from each."))
         bar = QHBoxLayout()
         self.filter = QLineEdit()
         self.filter.setPlaceholderText("Filter labels…")
@@ -76,7 +76,8 @@ class LabelsPage(QWidget):
                     font.setItalic(True)
                     child.setFont(0, font)
                     child.setToolTip(0, f"'{label}' is offered by {len(owners[label])} teachers: "
-                                        f"{', '.join(owners[label])}")
+                                        f"{', '.join(owners[label])}. Tick it in one, or in several with the "
+                                        "adaptive-ka method, which learns it from each of them")
                 top.addChild(child)
             self.tree.addTopLevelItem(top)
             top.setExpanded(expanded.get(t.name, True))
@@ -91,7 +92,9 @@ class LabelsPage(QWidget):
             self.tree.topLevelItem(i).setText(0, f"{loaded.name}  ({len(loaded.selected)}/{len(loaded.teacher.labels)})")
         self._updating = False
         total = sum(len(t.teacher.labels) for t in self.session.teachers)
-        self.count.setText(f"<b>{self.session.selected_count()}</b> of {total} labels selected"
+        ticked, distinct = self.session.selected_count(), self.session.distinct_count()
+        shared = f" ({distinct} distinct: {ticked - distinct} ticked in more than one teacher)" if distinct < ticked else ""
+        self.count.setText(f"<b>{ticked}</b> of {total} labels selected{shared}"
                            if total else "No teachers loaded: add them on the Teachers page.")
 
     def _apply_filter(self, text: str) -> None:

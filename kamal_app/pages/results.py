@@ -146,10 +146,14 @@ class ResultsPage(QWidget):
             + ("branch points: " + ", ".join(f"{k} → {v}" for k, v in plan.items()) if plan else "no branch-out")
             + (f" · {report['seconds']:.0f} s" if report.get("seconds") else ""))
         val = report.get("validation") or {}
-        teacher_ap = {label: (name, ap) for name, t in (val.get("teachers") or {}).items()
-                      for label, ap in (t.get("ap") or {}).items()}
+        teacher_ap: dict[str, tuple[str, float | None]] = {}  # label -> the best teacher's (name, AP)
+        for name, t in (val.get("teachers") or {}).items():
+            for label, ap in (t.get("ap") or {}).items():
+                if label not in teacher_ap or (ap is not None and (teacher_ap[label][1] or -1.0) < ap):
+                    teacher_ap[label] = (name, ap)
         student_ap = ((val.get("student") or {}).get("ap")) or {}
-        tasks = {label: t["teacher"] for t in report.get("tasks", []) for label in t["labels"]}
+        tasks = {label: ", ".join(t.get("teachers") or [t["teacher"]]) for t in report.get("tasks", [])
+                 for label in t["labels"]}
         self.table.setRowCount(len(student.labels) + 1)
         for row, label in enumerate(student.labels):
             _, t_ap = teacher_ap.get(label, (None, None))

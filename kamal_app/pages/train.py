@@ -25,7 +25,9 @@ from PySide6.QtGui import QImage, QPixmap
 from PySide6.QtWidgets import (QCheckBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar,
                                QPushButton, QSizePolicy, QVBoxLayout, QWidget)
 
+from kamal_engine.errors import KamalError
 from kamal_engine.events import RunCancelled, format_duration
+from kamal_engine.methods import get_method
 
 from ..engine_process import run_in_child_process
 from ..monitor import EventQueue, RunMonitor
@@ -118,6 +120,14 @@ def sample_grid(images, columns: int = 8) -> QImage:
         grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img.transpose(1, 2, 0)
     grid = np.ascontiguousarray(grid)
     return QImage(grid.data, grid.shape[1], grid.shape[0], grid.strides[0], QImage.Format.Format_RGB888).copy()
+
+
+def method_branches(method_id: str) -> bool:
+    """Whether the method's TargetNet branches out per task (and so has converged losses to plot)."""
+    try:
+        return get_method(method_id).branches
+    except KamalError:
+        return True
 
 
 class TrainPage(QWidget):
@@ -215,6 +225,7 @@ class TrainPage(QWidget):
             plot.getPlotItem().enableAutoRange(x=True)
         self.curves, self.generator_curves = {}, {}
         self.free_box.setVisible(data_free)
+        self.converged_plot.setVisible(method_branches(recipe.method))  # kd, dafl, adaptive-ka: no branch-out
         self.samples.setText("No samples yet.")
         self.progress.setValue(0)
         self.eta.setText("")

@@ -15,6 +15,7 @@ from ..errors import KamalError
 
 MODULES = {
     "filtered-ka": "kamal_engine.methods.filtered_ka",
+    "adaptive-ka": "kamal_engine.methods.adaptive_ka",
     "kd": "kamal_engine.methods.kd",
     "dual-gan": "kamal_engine.methods.dual_gan",
     "dafl": "kamal_engine.methods.dafl",
@@ -58,6 +59,8 @@ class MethodInfo:
     summary: str
     params: tuple[Param, ...]
     run: Callable[..., Any]  # run(ctx: RunContext) -> MethodResult
+    shared_labels: bool = False  # a label may be selected from several teachers (adaptive-ka)
+    branches: bool = False  # the TargetNet branches out per task at the block of least converged loss
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}

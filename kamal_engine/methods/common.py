@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -36,6 +37,7 @@ class RunContext:
     checkpoint: Any  # runner.Checkpointer: load() -> dict | None, save(dict)
     evaluate: Callable[[Any], Any] | None  # TargetNet -> Evaluation, when a validation set is given
     method_id: str = ""
+    output_dir: Path | None = None  # the run's folder (for by-products such as adaptive-ka's component nets)
 
     def phase_seed(self, phase: int) -> int:
         """A seed per phase (block, fine-tuning...), so a resumed run repeats the same draws."""
@@ -103,14 +105,20 @@ def copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
 
 
+def whole_net(model: nn.Module, arch: str, arch_kwargs: dict[str, Any], labels: list[str], tasks) -> TargetNet:
+    """``model`` as one unbranched TargetNet: all its blocks and its own head, whose outputs are
+    ``labels`` in order; ``tasks`` (with ``kind``, ``positions``, ``name``) group them."""
+    net = split_model(model, arch, "stage")
+    spec = BranchSpec(block=len(net), source="student", arch=arch, arch_kwargs=dict(arch_kwargs),
+                      num_outputs=len(labels), granularity="stage", filter={"kind": "identity"},
+                      outputs=list(range(len(labels))), positions=list(range(len(labels))),
+                      tasks=[t.name for t in tasks])
+    return TargetNet(list(net.blocks), net.block_names, [Branch(nn.Identity(), [], net.head, spec.outputs)],
+                     [spec], labels, [TaskGroup(t.kind, list(t.positions), t.name) for t in tasks])
+
+
 def whole_student(ctx: RunContext) -> TargetNet:
     """The student as one unbranched TargetNet: all its blocks, its own head for every selected label
-    (the form of the ``kd`` and ``dafl`` students)."""
-    labels, selection = ctx.selection.labels, ctx.selection
-    net = split_model(ctx.student, ctx.student_arch, "stage")
-    spec = BranchSpec(block=len(net), source="student", arch=ctx.student_arch,
-                      arch_kwargs=dict(ctx.student_arch_kwargs), num_outputs=len(labels), granularity="stage",
-                      filter={"kind": "identity"}, outputs=list(range(len(labels))),
-                      positions=list(range(len(labels))), tasks=[t.name for t in selection.tasks])
-    return TargetNet(list(net.blocks), net.block_names, [Branch(nn.Identity(), [], net.head, spec.outputs)],
-                     [spec], labels, [TaskGroup(t.kind, list(t.positions), t.name) for t in selection.tasks])
+    (the form of the ``kd``, ``dafl`` and ``adaptive-ka`` students)."""
+    return whole_net(ctx.student, ctx.student_arch, ctx.student_arch_kwargs, ctx.selection.labels,
+                     ctx.selection.tasks)

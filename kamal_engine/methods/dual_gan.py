@@ -347,4 +347,5 @@ METHOD = MethodInfo(
         Param("preview_every", 100, "generator steps between generated-sample previews (0: none)", minimum=0),
     ),
     run=run,
+    branches=True,
 )

@@ -262,4 +262,5 @@ METHOD = MethodInfo(
         Param("ap_by_block", True, "with a validation set: AP of every task branching at each block (paper Fig. 3)"),
     ),
     run=run,
+    branches=True,
 )
