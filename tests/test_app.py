@@ -79,7 +79,7 @@ def test_start_is_disabled_with_a_visible_reason_until_everything_is_chosen(wind
     assert "Group-Stack Dual-GAN" in window.data_page.method_info.text()
     assert "tick at least one label" in window.start_reason.text()
     window.data_page.mode_data.setChecked(True)
-    assert window.data_page.methods.count() == 2 and window.session.method == "filtered-ka"
+    assert window.data_page.methods.count() == 3 and window.session.method == "filtered-ka"  # + adaptive-ka, kd
 
 
 def test_load_tick_save_open_gives_the_identical_state_and_kamal_run_runs_it(window, quick_demo, auto_import,
