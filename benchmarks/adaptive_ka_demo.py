@@ -81,7 +81,7 @@ def tables(results: dict) -> str:
                                                    main["components"][label]["selection_share"].items())
                           for label in labels) + "."]
     size = main["size"]
-    used = [n for n in teachers]
+    used = list(teachers)
     comp_params = sum(_params(Path(main["components"][label]["file"])) for label in labels)
     lines += ["", "| model | parameters |", "|---|---|",
               f"| {len(used)} source teachers | {sum(size['teachers'][n]['parameters'] for n in used):,} |",

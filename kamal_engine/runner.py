@@ -200,8 +200,9 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
         emit(StageStarted("load-images"))
         images = UnlabeledImages.from_folder(recipe.unlabeled, size, cancel=cancel,
                                              progress=lambda done, total: emit(Progress("load-images", done, total)))
-        emit(StageStarted("teacher-targets"))
-        targets = teacher_targets(selection, images.images, device, cancel=cancel)
+        if method.soft_targets:  # adaptive-ka runs its teachers during training (features too)
+            emit(StageStarted("teacher-targets"))
+            targets = teacher_targets(selection, images.images, device, cancel=cancel)
 
     validation = read_labelled(recipe.validation) if recipe.validation else None
 

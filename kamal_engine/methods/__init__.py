@@ -61,6 +61,7 @@ class MethodInfo:
     run: Callable[..., Any]  # run(ctx: RunContext) -> MethodResult
     shared_labels: bool = False  # a label may be selected from several teachers (adaptive-ka)
     branches: bool = False  # the TargetNet branches out per task at the block of least converged loss
+    soft_targets: bool = True  # data mode: uses the teachers' predictions computed once before training
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}

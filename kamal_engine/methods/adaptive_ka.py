@@ -279,7 +279,6 @@ def run(ctx: RunContext) -> MethodResult:
         block, block_name, blocks = title
         ctx.emit(StageStarted(stage, block, block_name, blocks, epochs, epochs * spe))
         set_mode([model, round_.bridges], [s.net for s in sources])
-        round_.scale.raw.requires_grad_(p["scale"] != "off")
         share = torch.zeros(len(sources))
 
         def step(idx):
@@ -357,8 +356,7 @@ def run(ctx: RunContext) -> MethodResult:
             net = whole_net(model, ctx.student_arch, kwargs, list(task.labels), round_tasks)
             if ctx.output_dir is not None:
                 path = ctx.output_dir / "components" / f"{slug(task.name)}.kamal.pt"
-                kind = task.kind
-                Teacher(f"component-{slug(task.name)}", ctx.student_arch, list(task.labels), kind,
+                Teacher(f"component-{slug(task.name)}", ctx.student_arch, list(task.labels), task.kind,
                         ctx.student_preprocessing, model, arch_kwargs=kwargs).save(path)
                 entry["file"] = str(path)
             if ctx.evaluate is not None:
@@ -419,4 +417,5 @@ METHOD = MethodInfo(
     ),
     run=run,
     shared_labels=True,
+    soft_targets=False,
 )
