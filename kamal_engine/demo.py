@@ -16,9 +16,10 @@ A miniature of the papers' PASCAL VOC setting, built offline in about a minute o
 * one recipe per mode in ``recipes/`` (paths relative to the recipe file);
 * optionally (``kamal demo DIR --heterogeneous``, :func:`build_heterogeneous`) four more "source"
   teachers for ``adaptive-ka`` of three architectures (two SmallNets, torchvision's ResNet-18 and
-  LeNet-5, which has 3 conv blocks and no batch norm), each trained from scratch on half of the
-  teacher-train split, with overlapping label sets so that every digit is covered by
-  two teachers of different architectures; and ``recipes/adaptive-ka.toml``, which asks for four
+  LeNet-5, which has 3 conv blocks and no batch norm), each trained from scratch on its own quarter
+  of the teacher-train split (the paper gives every source net its own part of the training set),
+  with overlapping label sets so that every digit is covered by two teachers of different
+  architectures; and ``recipes/adaptive-ka.toml``, which asks for four
   labels (zero, three, five, eight) from all of them, like the paper's four mouth attributes.
 """
 
@@ -338,21 +339,21 @@ class SourceTeacher:
     arch: str
     arch_kwargs: dict
     digits: tuple[int, ...]
-    half: int  # which half of the teacher-train split it learns from
+    part: int  # which part of the teacher-train split it learns from (the split is cut into max(part) + 1 parts)
     epochs: int  # LeNet-5 (no batch norm) needs many more epochs than the residual nets
 
 
 HETEROGENEOUS_TEACHERS = (
-    SourceTeacher("src1_smallnet16", "smallnet", {"width": 16, "depth": [1, 1, 1, 1]}, (0, 1, 2, 3, 4), 0, 4),
-    SourceTeacher("src2_resnet18", "resnet18", {}, (3, 4, 5, 6, 7), 1, 3),
-    SourceTeacher("src3_smallnet8deep", "smallnet", {"width": 8, "depth": [2, 2, 2, 2]}, (5, 6, 7, 8, 9), 0, 4),
-    SourceTeacher("src4_lenet5", "lenet5", {"width": 1.0}, (8, 9, 0, 1, 2), 1, 25),
+    SourceTeacher("src1_smallnet16", "smallnet", {"width": 16, "depth": [1, 1, 1, 1]}, (0, 1, 2, 3, 4), 0, 8),
+    SourceTeacher("src2_resnet18", "resnet18", {}, (3, 4, 5, 6, 7), 1, 6),
+    SourceTeacher("src3_smallnet8deep", "smallnet", {"width": 8, "depth": [2, 2, 2, 2]}, (5, 6, 7, 8, 9), 2, 8),
+    SourceTeacher("src4_lenet5", "lenet5", {"width": 1.0}, (8, 9, 0, 1, 2), 3, 50),
 )
 HETEROGENEOUS_LABELS = (0, 3, 5, 8)  # what recipes/adaptive-ka.toml selects: each from two teachers
 
 ADAPTIVE_RECIPE_HEAD = """\
 # KAmal Studio recipe written by `kamal demo --heterogeneous` (data mode). Paths are relative to this file.
-# Four source teachers of two architectures with overlapping labels; each selected label is covered by
+# Four source teachers of three architectures with overlapping labels; each selected label is covered by
 # two of them, and adaptive-ka learns it from both (component nets), then builds the target net.
 # Run it with:  kamal run recipes/adaptive-ka.toml
 [run]
@@ -406,11 +407,11 @@ def build_heterogeneous(root: str | Path, config: DemoConfig | None = None, devi
         raise ValueError(f"{root} is not a built demo workspace; build it first")
     started = time.monotonic()
     images, targets = read_split(root / "data" / "teacher-train")
-    halves = np.array_split(np.arange(len(images)), 2)
+    parts = np.array_split(np.arange(len(images)), max(s.part for s in sources) + 1)
     preprocessing = Preprocessing(SIZE, (float(images.mean() / 255.0),) * 3, (float(images.std() / 255.0),) * 3)
     paths = heterogeneous_paths(root, sources)
     for source, path in zip(sources, paths):
-        rows = halves[source.half]
+        rows = parts[source.part]
         log(f"Training source teacher {source.name} ({source.arch} {source.arch_kwargs}) on labels "
             f"{', '.join(DIGIT_NAMES[d] for d in source.digits)} ({len(rows)} images, {source.epochs} "
             f"epochs, {device}) …")
