@@ -132,7 +132,8 @@ class TargetNet(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"trunk": self.trunk_names,
-                "branches": [{"block": self.trunk_names[s.block - 1], "source": s.source, "tasks": s.tasks,
+                "branches": [{"block": self.trunk_names[s.block - 1], "source": s.source,
+                              "filter": s.filter.get("kind"), "tasks": s.tasks,
                               "labels": [self.labels[p] for p in s.positions]} for s in self.specs]}
 
 

@@ -101,6 +101,7 @@ def test_trunk_after_the_deepest_branch_point_is_dropped():
     shallow = TargetNet(list(student.blocks), student.block_names, [build_branch(spec)], [spec], ["x", "y"],
                         [TaskGroup("multilabel", [0, 1])])
     assert len(shallow.trunk) == 2 and shallow.describe()["branches"][0]["block"] == "b2"
+    assert shallow.describe()["branches"][0]["filter"] == "identity"  # the Results diagram draws no filter box
 
 
 def test_student_bundle_round_trip(tmp_path):

@@ -16,7 +16,7 @@ from ..widgets import page_header
 
 
 class TargetNetDiagram(QWidget):
-    """Shared trunk blocks left to right; each branch leaves its block downwards: filter → tail → labels."""
+    """Shared trunk blocks left to right; each branch leaves its block downwards: filter (if any) → tail → labels."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -68,7 +68,8 @@ class TargetNetDiagram(QWidget):
                 continue
             y = y0 + box_h + gap + j * (box_h + gap)
             tail = branch.get("tail") or []
-            text = (f"filter → {branch['source']} " + (f"{tail[0]}…{tail[-1]} " if len(tail) > 1 else
+            gate = "" if branch.get("filter") == "identity" else "filter → "  # unbranched students have none
+            text = (f"{gate}{branch['source']} " + (f"{tail[0]}…{tail[-1]} " if len(tail) > 1 else
                                                        f"{tail[0]} " if tail else "") + "+ head")
             rect = QRectF(start.left() + box_w / 2 + gap, y, fm.horizontalAdvance(text) + gap, box_h)
             p.setPen(QPen(pal.text().color(), 1.5))
