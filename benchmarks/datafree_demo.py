@@ -15,9 +15,12 @@ The data-free runs use the same number of steps of the same batch size (the dual
 between its generator, the four blocks and the fine-tuning) and the same initial student:
 ``--init teacher`` (default) starts from teacher 0-4's trunk, the demo's stand-in for the paper's
 ImageNet-pretrained TargetNet (both demo teachers are fine-tuned from one pre-trained backbone, as
-the paper's are from ImageNet); ``--init random`` is the demo recipe's random start. The CPU time
+the paper's are from ImageNet); ``--init checkpoint`` starts from that backbone itself
+(``pretrained/backbone_digits.kamal.pt``, as the paper starts from ImageNet weights); ``--init
+random`` is the demo recipe's random start. The CPU time
 of every run is stated. Builds the demo workspace first if ``DIR`` has none. Writes
-``benchmarks/results/datafree_demo.{json,md}``.
+``benchmarks/results/datafree_demo.{json,md}`` (with another ``--init`` or ``--only``, the file
+name says which, e.g. ``datafree_demo_checkpoint_dual-gan.json``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ from kamal_engine.runner import run_recipe  # noqa: E402
 
 def recipe_for(workspace: Path, name: str, base: str, method: str, params: dict, init: str | None = None) -> Path:
     text = (workspace / "recipes" / f"{base}.toml").read_text()
-    if init is not None:
+    if init == "checkpoint":  # the recipe's commented lines: start from the demo's pre-trained backbone
+        if '# init = "checkpoint"' not in text:
+            raise SystemExit(f"{workspace} was built before the demo kept its backbone; rebuild it (kamal demo --force)")
+        text = text.replace('init = "random"\n', "").replace("# init = ", "init = ").replace("# checkpoint = ", "checkpoint = ")
+    elif init is not None:
         text = text.replace('init = "random"', f'init = "{init}"')
     lines = "".join(f"\n{k} = {json.dumps(v)}" for k, v in params.items())
     text = text.replace(f'id = "{base}"', f'id = "{method}"{lines}').replace('device = "auto"', 'device = "cpu"')
@@ -67,9 +74,12 @@ def main() -> None:
     parser.add_argument("--generator-epochs", type=int, default=8, help="dual-gan Step I")
     parser.add_argument("--epochs-per-block", type=int, default=2, help="dual-gan Step II, per block")
     parser.add_argument("--finetune-epochs", type=int, default=2, help="dual-gan fine-tuning")
-    parser.add_argument("--init", default="teacher", choices=("teacher", "random"),
+    parser.add_argument("--init", default="teacher", choices=("teacher", "checkpoint", "random"),
                         help="initial student of the data-free runs (teacher: the trunk of teacher 0-4, the demo's "
-                             "stand-in for the paper's ImageNet-pretrained TargetNet)")
+                             "stand-in for the paper's ImageNet-pretrained TargetNet; checkpoint: the demo's "
+                             "pre-trained backbone)")
+    parser.add_argument("--only", nargs="+", choices=("noise", "dafl", "dual-gan"),
+                        help="run only these data-free rows (default: all three)")
     parser.add_argument("--skip-filtered-ka", action="store_true",
                         help="take the data-mode row from benchmarks/results/filtered_ka_demo.json (same demo "
                              "workspace and seed) instead of running it again")
@@ -88,6 +98,8 @@ def main() -> None:
                                               "finetune_epochs": args.finetune_epochs,
                                               "generator_width": args.generator_width}),
     }
+    if args.only:
+        runs = {name: run_ for name, run_ in runs.items() if name in args.only}
     if not args.skip_filtered_ka:
         runs = {"filtered-ka": ("filtered-ka", "filtered-ka", {}), **runs}
     results = {"settings": vars(args)}
@@ -117,18 +129,21 @@ def main() -> None:
     for title, data, ap, mean_ap, cpu in rows:
         lines.append(f"| {title} | {data} | " + " | ".join(fmt(ap[label]) for label in labels)
                      + f" | **{fmt(mean_ap)}** | {mean_ap / teacher_map:.2f} | {'' if cpu is None else f'{cpu:.0f} s'} |")
-    dg = results["dual-gan"]
     lines += ["", f"Data-free runs: {epochs} epochs × {args.iterations} steps × {args.batch_size} generated images "
               f"(dual-gan: {args.generator_epochs} generator epochs, {args.epochs_per_block} per block, "
               f"{args.finetune_epochs} fine-tuning), generator width {args.generator_width}, initial student: "
-              f"{args.init}, 2 CPU cores.",
-              "dual-gan branch points: " + ", ".join(f"{t} → {b}" for t, b in dg["branch_points"].items())
-              + f"; generator groups at {', '.join(dg['generator_groups'])}."]
+              f"{args.init}, 2 CPU cores."]
+    if "dual-gan" in results:
+        dg = results["dual-gan"]
+        lines.append("dual-gan branch points: " + ", ".join(f"{t} → {b}" for t, b in dg["branch_points"].items())
+                     + f"; generator groups at {', '.join(dg['generator_groups'])}.")
     table = "\n".join(lines) + "\n"
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "datafree_demo.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "datafree_demo.md").write_text(table)
+    suffix = "" if args.init == "teacher" and not args.only else f"_{args.init}" + (
+        "_" + "_".join(args.only) if args.only else "")
+    (out / f"datafree_demo{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"datafree_demo{suffix}.md").write_text(table)
     print(table)
 
 

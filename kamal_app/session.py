@@ -55,6 +55,7 @@ class StudioSession(QObject):
         self.student_arch_kwargs: dict[str, Any] = {}
         self.student_init = "teacher"
         self.student_teacher = 1
+        self.student_checkpoint: Path | None = None  # the weights file of student_init == "checkpoint"
         self.mode = "data"
         self.unlabeled: Path | None = None
         self.validation: Path | None = None
@@ -146,7 +147,9 @@ class StudioSession(QObject):
         return Recipe(path, name=self.name, output_dir=out, device=self.device, seed=self.seed,
                       precision=self.precision, teachers=teachers, student_arch=self.student_arch,
                       student_arch_kwargs=dict(self.student_arch_kwargs), student_init=self.student_init,
-                      student_teacher=self.student_teacher, mode=self.mode,
+                      student_teacher=self.student_teacher,
+                      student_checkpoint=self.student_checkpoint if self.student_init == "checkpoint" else None,
+                      mode=self.mode,
                       unlabeled=self.unlabeled if self.mode == "data" else None, validation=self.validation,
                       image_size=self.image_size, method=self.method, params=dict(self.params), onnx=self.onnx,
                       opset=self.opset, fp16=self.fp16)
@@ -162,6 +165,7 @@ class StudioSession(QObject):
         self.precision = recipe.precision
         self.student_arch, self.student_arch_kwargs = recipe.student_arch, dict(recipe.student_arch_kwargs)
         self.student_init, self.student_teacher = recipe.student_init, recipe.student_teacher
+        self.student_checkpoint = recipe.student_checkpoint
         self.mode, self.unlabeled, self.validation = recipe.mode, recipe.unlabeled, recipe.validation
         self.image_size, self.method, self.params = recipe.image_size, recipe.method, dict(recipe.params)
         self.onnx, self.opset, self.fp16 = recipe.onnx, recipe.opset, recipe.fp16
@@ -173,7 +177,8 @@ class StudioSession(QObject):
             "teachers": [(str(t.entry.checkpoint), t.name, t.teacher.arch, t.teacher.task, list(t.teacher.labels),
                           list(t.selected)) for t in self.teachers],
             "run": (self.name, str(self.output_dir), self.device, self.seed, self.precision),
-            "student": (self.student_arch, self.student_arch_kwargs, self.student_init, self.student_teacher),
+            "student": (self.student_arch, self.student_arch_kwargs, self.student_init, self.student_teacher,
+                        str(self.student_checkpoint)),
             "data": (self.mode, str(self.unlabeled), str(self.validation), self.image_size),
             "method": (self.method, dict(self.params)),
             "export": (str(self.onnx), self.opset, self.fp16),
@@ -197,6 +202,7 @@ def recipe_text(recipe: Recipe, path: Path) -> str:
         "student_teacher", "mode", "image_size", "method", "params", "opset", "fp16")})
     copy.output_dir = rel(recipe.output_dir)
     copy.unlabeled, copy.validation, copy.onnx = rel(recipe.unlabeled), rel(recipe.validation), rel(recipe.onnx)
+    copy.student_checkpoint = rel(recipe.student_checkpoint)
     copy.teachers = [TeacherEntry(rel(t.checkpoint), t.select, t.name, t.arch, t.arch_kwargs, rel(t.labels_file),
                                   t.labels, t.task, t.input_size, t.mean, t.std, t.trust) for t in recipe.teachers]
     header = ("# KAmal Studio recipe, saved by the app. Paths are relative to this file.\n"

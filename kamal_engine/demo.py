@@ -10,6 +10,8 @@ A miniature of the papers' PASCAL VOC setting, built offline in about a minute o
 * a backbone pre-trained on another dataset (the 1797 8x8 digits of ``sklearn``, upscaled, one digit
   per image, 10-class): the miniature of the papers' ImageNet-pretrained ResNet-50, from which
   both teachers are fine-tuned as the papers' teachers are, so their block features are related;
+  it is kept as ``pretrained/backbone_digits.kamal.pt`` for ``[student] init = "checkpoint"`` (the
+  papers start their student from ImageNet weights);
 * two teachers fine-tuned on disjoint label sets (digits 0-4 and 5-9), saved one as a native bundle
   and one as a bare ``state_dict`` + ``labels.txt`` (so the foreign-import path is used), with
   different preprocessing (digit statistics vs the torchvision/ImageNet default);
@@ -206,6 +208,9 @@ select = [{sel1}]
 [student]
 arch = "smallnet"
 init = "{init}"
+# The papers start the student from ImageNet weights; the demo's stand-in is its pre-trained backbone:
+# init = "checkpoint"
+# checkpoint = "../pretrained/backbone_digits.kamal.pt"
 
 [data]
 mode = "{mode}"
@@ -238,6 +243,11 @@ def write_recipes(root: Path, config: DemoConfig) -> list[Path]:
         ))
         written.append(path)
     return written
+
+
+def pretrained_path(root: Path) -> Path:
+    """The shared pre-trained backbone (a 10-class single-digit SmallNet bundle): ImageNet's stand-in."""
+    return Path(root) / "pretrained" / "backbone_digits.kamal.pt"
 
 
 def teacher_paths(root: Path, config: DemoConfig) -> list[Path]:
@@ -300,8 +310,11 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
     pre_images, pre_classes = compose_single_digits(pre_digits, pre_labels, config.pretrain_images, rng)
     log(f"Pre-training the shared backbone on sklearn's digits ({len(pre_images)} single-digit images, "
         f"{config.pretrain_epochs} epochs, {device}) …")
-    backbone = train_teacher(pre_images, pre_classes, preprocessings[0], config, device, log, "backbone",
-                             epochs=config.pretrain_epochs).state_dict()
+    backbone_model = train_teacher(pre_images, pre_classes, preprocessings[0], config, device, log, "backbone",
+                                   epochs=config.pretrain_epochs)
+    Teacher("backbone_digits", "smallnet", list(DIGIT_NAMES), "multiclass", preprocessings[0], backbone_model,
+            arch_kwargs={"width": backbone_model.width, "depth": list(backbone_model.depth)}).save(pretrained_path(root))
+    backbone = backbone_model.state_dict()
     for (name, digit_set), preprocessing, path in zip(config.teachers, preprocessings, (native, foreign)):
         log(f"Fine-tuning teacher {name} on labels {', '.join(DIGIT_NAMES[d] for d in digit_set)} "
             f"({len(train_images)} images, {config.teacher_epochs} epochs, {device}) …")

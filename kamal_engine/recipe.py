@@ -26,7 +26,7 @@ else:  # pragma: no cover
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 PRECISIONS = ("auto", "fp32", "bf16")
 MODES = ("data", "data-free")
-INITS = ("teacher", "random")
+INITS = ("teacher", "random", "checkpoint")
 
 
 class RecipeError(KamalError):
@@ -103,6 +103,7 @@ class Recipe:
     student_arch_kwargs: dict[str, Any] = field(default_factory=dict)
     student_init: str = "teacher"
     student_teacher: int = 1  # 1-based index of the teacher to initialise from
+    student_checkpoint: Path | None = None  # the weights file of init = "checkpoint" (e.g. ImageNet weights)
     # [data]
     mode: str = "data"
     unlabeled: Path | None = None
@@ -141,7 +142,8 @@ class Recipe:
                                 "task": t.task, "input_size": t.input_size, "mean": t.mean, "std": t.std,
                                 "trust": t.trust or None, "select": t.select}) for t in self.teachers],
             "student": clean({"arch": self.student_arch, "arch_kwargs": self.student_arch_kwargs,
-                              "init": self.student_init, "teacher": self.student_teacher}),
+                              "init": self.student_init, "teacher": self.student_teacher,
+                              "checkpoint": self.student_checkpoint}),
             "data": clean({"mode": self.mode, "unlabeled": self.unlabeled, "validation": self.validation,
                            "image_size": self.image_size}),
             "method": {"id": self.method, **self.params},
@@ -183,7 +185,7 @@ SECTIONS = {
     "run": {"name", "output_dir", "device", "seed", "precision"},
     "teachers": {"checkpoint", "select", "name", "arch", "arch_kwargs", "labels_file", "labels", "task",
                  "input_size", "mean", "std", "trust"},
-    "student": {"arch", "arch_kwargs", "init", "teacher"},
+    "student": {"arch", "arch_kwargs", "init", "teacher", "checkpoint"},
     "data": {"mode", "unlabeled", "validation", "image_size"},
     "method": None,  # 'id' + the method's own parameters, checked by the method registry
     "export": {"onnx", "opset", "fp16"},
@@ -271,6 +273,14 @@ def parse_recipe(text: str, path: str | os.PathLike | None = None, *, check_file
                                  recipe, "student", "init")
     recipe.student_teacher = _check(student.get("teacher", 1), lambda v: _is_int(v) and 1 <= v <= len(teachers),
                                     f"a teacher number from 1 to {len(teachers)}", recipe, "student", "teacher")
+    if "checkpoint" in student:
+        if recipe.student_init != "checkpoint":
+            raise recipe.error("a weights file is only read with init = \"checkpoint\"; set that or remove the key",
+                               "student", "checkpoint")
+        recipe.student_checkpoint = existing(student["checkpoint"], "student", "checkpoint", folder=False)
+    elif recipe.student_init == "checkpoint":
+        raise recipe.error("init = \"checkpoint\" needs 'checkpoint', the weights file to start the student from "
+                           "(for example ImageNet weights of the student's architecture)", "student", "init")
 
     d = data.get("data", {})
     recipe.mode = _check(d.get("mode", "data"), lambda v: v in MODES, " or ".join(MODES), recipe, "data", "mode")

@@ -38,6 +38,7 @@ from .profile import count_flops, count_parameters
 from .recipe import Recipe
 from .selection import TaskSelection
 from .targetnet import Student
+from .teacher import load_pretrained
 from .training import MetricsLog, UnlabeledImages, teacher_targets
 
 CHECKPOINT_FORMAT = "kamal-run-checkpoint"
@@ -100,7 +101,9 @@ def seed_everything(seed: int) -> None:
 
 
 def build_student(recipe: Recipe, selection: TaskSelection) -> tuple[torch.nn.Module, str, dict, Preprocessing]:
-    """The initial student: ``init = "teacher"`` copies a teacher's weights (not its classifier)."""
+    """The initial student: ``init = "teacher"`` copies a teacher's weights (not its classifier);
+    ``init = "checkpoint"`` starts from a weights file, as the papers start from ImageNet weights
+    (:func:`~kamal_engine.teacher.load_pretrained`); ``init = "random"`` from nothing."""
     source = selection.teachers[recipe.student_teacher - 1]
     arch = recipe.student_arch or source.arch
     if recipe.student_arch_kwargs:
@@ -119,6 +122,9 @@ def build_student(recipe: Recipe, selection: TaskSelection) -> tuple[torch.nn.Mo
         preprocessing = source.preprocessing
     else:
         preprocessing = Preprocessing(recipe.image_size or source.preprocessing.input_size, IMAGENET_MEAN, IMAGENET_STD)
+        if recipe.student_init == "checkpoint":
+            # a bundle's own normalisation (what its weights were trained with), else the ImageNet one
+            preprocessing = load_pretrained(model, arch, recipe.student_checkpoint) or preprocessing
     if recipe.image_size:
         preprocessing = preprocessing.replace(input_size=recipe.image_size)
     return model, arch, kwargs, preprocessing
@@ -170,7 +176,8 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
     fingerprint = {  # what must not change between a run and its resumption
         "params": params, "seed": recipe.seed,
         "teachers": [[str(t.checkpoint), t.select, t.arch, t.task, t.input_size, t.mean, t.std] for t in recipe.teachers],
-        "student": [recipe.student_arch, recipe.student_arch_kwargs, recipe.student_init, recipe.student_teacher],
+        "student": [recipe.student_arch, recipe.student_arch_kwargs, recipe.student_init, recipe.student_teacher]
+        + ([str(recipe.student_checkpoint)] if recipe.student_checkpoint else []),
         "data": [str(recipe.unlabeled), recipe.image_size],
     }
     checkpointer = Checkpointer(out / "checkpoints" / "last.pt", method.id, fingerprint)

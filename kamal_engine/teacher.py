@@ -83,6 +83,10 @@ def find_sidecar_labels(checkpoint: Path) -> Path | None:
     return None
 
 
+def _some(items: list[str]) -> str:
+    return ", ".join(items[:4]) + (f", … ({len(items) - 4} more)" if len(items) > 4 else "")
+
+
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: Path | None) -> None:
     """``load_state_dict(strict=True)`` with an error that lists what does not fit."""
     own = model.state_dict()
@@ -91,8 +95,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: st
     mismatched = [f"{k} {list(state_dict[k].shape)} vs {list(own[k].shape)}"
                   for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        def some(items):
-            return ", ".join(items[:4]) + (f", … ({len(items) - 4} more)" if len(items) > 4 else "")
+        some = _some
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys ({some(missing)})")
@@ -106,6 +109,41 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: st
             path,
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+
+def load_pretrained(model: nn.Module, arch: str, path: str | os.PathLike) -> Preprocessing | None:
+    """Start ``model`` from the weights in ``path`` (``[student] init = "checkpoint"``).
+
+    The filtered-KA paper initialises its TargetNet "with parameters pre-trained on ImageNet"; this
+    reads such a file (any format :func:`read_checkpoint` knows: a native bundle, a bare
+    ``state_dict``, ``.safetensors``) with ``weights_only``. Every tensor of the trunk must be there
+    with the student's shape (else the architecture is wrong, and the error lists what does not fit);
+    the classifier is copied only when its shape fits (a pre-trained head usually has other outputs)
+    and otherwise keeps its random initialisation. Returns the file's preprocessing when it is a
+    bundle that records one, else ``None``.
+    """
+    path = Path(path)
+    raw = read_checkpoint(path)
+    weights = normalize_state_dict_keys(raw.state_dict or {})
+    if not weights:
+        raise CheckpointError("holds no weights to start the student from", path)
+    head = get_architecture(arch).classifier_key.rsplit(".", 1)[0] + "."
+    own = model.state_dict()
+    trunk = [k for k in own if not k.startswith(head)]
+    missing = [k for k in trunk if k not in weights]
+    mismatched = [f"{k} {list(weights[k].shape)} vs {list(own[k].shape)}"
+                  for k in trunk if k in weights and weights[k].shape != own[k].shape]
+    if missing or mismatched:
+        parts = ([f"{len(missing)} missing keys ({_some(missing)})"] if missing else []) + (
+            [f"{len(mismatched)} shape mismatches, file vs student ({_some(mismatched)})"] if mismatched else [])
+        raise CheckpointError(
+            f"does not fit the student's architecture '{arch}': {'; '.join(parts)}. Give weights of the same "
+            "architecture ([student] arch and arch_kwargs) or another init", path)
+    model.load_state_dict({k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}, strict=False)
+    if raw.kind == "bundle" and raw.bundle and all(k in raw.bundle for k in ("input_size", "mean", "std")):
+        return Preprocessing(raw.bundle["input_size"], raw.bundle["mean"], raw.bundle["std"])
+    return None
 
 
 @dataclass

@@ -128,6 +128,41 @@ def test_load_tick_save_open_gives_the_identical_state_and_kamal_run_runs_it(win
     assert (tmp_path / "run-out" / "student.kamal.pt").is_file()
 
 
+def test_student_can_start_from_a_weights_file_and_the_recipe_keeps_it(window, quick_demo, auto_import, tmp_path,
+                                                                        qtbot, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    from kamal_engine.demo import pretrained_path
+
+    root, _ = quick_demo
+    window.add_teacher_files(list(demo_files(root)))
+    combo, answers = window.data_page.student_init, ["", str(pretrained_path(root))]
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *args: (answers.pop(0), ""))
+    combo.setCurrentIndex(combo.findData("teacher:2"))
+    assert (window.session.student_init, window.session.student_teacher) == ("teacher", 2)
+    window.data_page.refresh()  # what opening a recipe does: teacher 2 is shown again, not the first item
+    assert combo.currentData() == "teacher:2"
+    combo.setCurrentIndex(combo.findData("random"))
+    assert window.session.student_init == "random"
+    combo.setCurrentIndex(combo.findData("browse"))  # cancelled: the previous choice stays
+    assert window.session.student_init == "random" and combo.currentData() == "random"
+    combo.setCurrentIndex(combo.findData("browse"))
+    assert window.session.student_init == "checkpoint"
+    assert window.session.student_checkpoint == pretrained_path(root).resolve()
+    assert combo.currentText() == "weights file: backbone_digits.kamal.pt"
+    path = tmp_path / "recipes" / "pre.toml"
+    window.data_page.unlabeled.set_path(root / "data" / "unlabeled", emit=True)
+    window.data_page.output.set_path(tmp_path / "out", emit=True)
+    assert window.write_recipe(path)
+    assert 'init = "checkpoint"' in path.read_text()
+    assert load_recipe(path).student_checkpoint == pretrained_path(root).resolve()
+    other = MainWindow(QSettings(str(tmp_path / "other.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(other)
+    assert other.open_recipe(path)
+    assert other.session.state() == window.session.state()
+    assert other.data_page.student_init.currentText() == "weights file: backbone_digits.kamal.pt"
+
+
 def test_dropping_a_checkpoint_on_the_window_loads_it(window, quick_demo, qtbot):
     root, _ = quick_demo
     data = QMimeData()

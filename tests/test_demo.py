@@ -4,7 +4,9 @@ import sys
 import numpy as np
 import pytest
 
-from kamal_engine.demo import DIGIT_NAMES, DemoConfig, build_demo, compose_mosaics, load_demo_teachers
+from kamal_engine.demo import (DIGIT_NAMES, DemoConfig, build_demo, compose_mosaics, load_demo_teachers,
+                               pretrained_path)
+from kamal_engine.teacher import load_teacher
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,6 +44,9 @@ def test_quick_demo_workspace(quick_demo):
         for teacher in data["teachers"]:
             assert (root / "recipes" / teacher["checkpoint"]).resolve().is_file()
     assert [t["validation"]["mean_ap"] > 0.5 for t in manifest["teachers"]] == [True, True]
+    backbone = load_teacher(pretrained_path(root))  # the papers' ImageNet weights in miniature
+    assert backbone.labels == DIGIT_NAMES and backbone.task == "multiclass"
+    assert backbone.preprocessing == native.preprocessing and backbone.arch_kwargs == native.arch_kwargs
 
 
 @pytest.mark.slow

@@ -67,7 +67,10 @@ def test_missing_file_is_named(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     ('\n[run]\n', "not valid TOML"),
-    ('\n[student]\ninit = "pretrained"\n', r"\[student\]\.init: expected teacher or random"),
+    ('\n[student]\ninit = "pretrained"\n', r"\[student\]\.init: expected teacher or random or checkpoint"),
+    ('\n[student]\ninit = "checkpoint"\n', r"line 11: \[student\]\.init: init = \"checkpoint\" needs 'checkpoint'"),
+    ('\n[student]\ncheckpoint = "t.pt"\n', r"\[student\]\.checkpoint: a weights file is only read with init"),
+    ('\n[student]\ninit = "checkpoint"\ncheckpoint = "nowhere.pth"\n', r"line 12: \[student\]\.checkpoint: .*nowhere\.pth not found"),
     ('\n[student]\nteacher = 3\n', r"\[student\]\.teacher: expected a teacher number from 1 to 1"),
     ('\n[export]\nopset = "18"\n', r"\[export\]\.opset: expected an ONNX opset"),
     ('\n[training]\nx = 1\n', r"\[training\]: unknown section"),
@@ -75,6 +78,14 @@ def test_missing_file_is_named(tmp_path):
 def test_bad_values(ckpt, tmp_path, extra, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(BASE.format(ckpt=ckpt) + extra, tmp_path / "r.toml")
+
+
+def test_student_checkpoint_is_resolved_and_written_back(ckpt, tmp_path):
+    text = BASE.format(ckpt=ckpt) + '\n[student]\ninit = "checkpoint"\ncheckpoint = "t.pt"\n'
+    recipe = parse_recipe(text, tmp_path / "r.toml")
+    assert recipe.student_init == "checkpoint" and recipe.student_checkpoint == ckpt.resolve()
+    (tmp_path / "again.toml").write_text(recipe.to_toml())
+    assert load_recipe(tmp_path / "again.toml").student_checkpoint == ckpt.resolve()
 
 
 def test_data_mode_needs_a_folder(ckpt, tmp_path):

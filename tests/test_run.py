@@ -177,3 +177,27 @@ def test_running_a_finished_run_again_trains_again(quick_demo, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "img/s" in err  # it trained: step progress was printed
     assert (tmp_path / "again" / "metrics.csv").read_text().count("\n") == first.count("\n")
+
+
+def test_student_init_from_the_demo_backbone(quick_demo, tmp_path):
+    """init = "checkpoint" (the recipe's commented lines): the trunk and normalisation are the backbone's."""
+    from kamal_engine.demo import pretrained_path
+    from kamal_engine.runner import build_student
+    from kamal_engine.selection import TaskSelection
+    from kamal_engine.teacher import load_teacher
+
+    root, _ = quick_demo
+    path = tiny_recipe(root, tmp_path / "pre")
+    text = path.read_text()
+    assert '# init = "checkpoint"\n# checkpoint = ' in text
+    path.write_text(text.replace('init = "teacher"\n', "").replace("# init = ", "init = ").replace("# checkpoint", "checkpoint"))
+    recipe = load_recipe(path)
+    assert recipe.student_checkpoint == pretrained_path(root).resolve()
+    teachers = [t.load() for t in recipe.teachers]
+    selection = TaskSelection.build(teachers, [t.select for t in recipe.teachers])
+    student, arch, _, preprocessing = build_student(recipe, selection)
+    backbone = load_teacher(pretrained_path(root))
+    assert arch == "smallnet" and preprocessing == backbone.preprocessing
+    assert torch.equal(student.stages[3][0].conv2.weight, backbone.model.stages[3][0].conv2.weight)
+    assert not torch.equal(student.stages[3][0].conv2.weight, teachers[0].model.stages[3][0].conv2.weight)
+    assert student.fc.out_features == 10

@@ -6,7 +6,7 @@ import torchvision
 
 from kamal_engine.errors import CheckpointError, KamalError, UnsafeCheckpointError
 from kamal_engine.preprocessing import IMAGENET_MEAN, Preprocessing
-from kamal_engine.teacher import Teacher, load_teacher, read_labels_file
+from kamal_engine.teacher import Teacher, load_pretrained, load_teacher, read_labels_file
 
 LABELS = [f"class_{i}" for i in range(10)]
 
@@ -198,3 +198,46 @@ def test_bad_preprocessing_values():
         Preprocessing(32, (0, 0, 0), (1, 0, 1))
     with pytest.raises(KamalError, match="needs 3 values"):
         Preprocessing(32, (0, 0), (1, 1, 1))
+
+
+def test_student_starts_from_pretrained_weights_with_another_head(resnet18_files, tmp_path):
+    """init = "checkpoint": the trunk is the file's, a head of other shape keeps its own weights."""
+    source, path = resnet18_files
+    student = torchvision.models.resnet18(num_classes=3)
+    head_before = student.fc.weight.clone()
+    assert load_pretrained(student, "resnet18", path) is None  # a bare state_dict: no preprocessing of its own
+    weights = source.state_dict()
+    for key, value in student.state_dict().items():
+        if key.startswith("fc."):
+            continue
+        assert torch.equal(value, weights[key]), key
+    assert torch.equal(student.fc.weight, head_before)
+    wrapped = tmp_path / "wrapped.pth"  # DataParallel prefix and a wrapper dict are read too
+    torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, wrapped)
+    again = torchvision.models.resnet18(num_classes=10)
+    load_pretrained(again, "resnet18", wrapped)
+    assert torch.equal(again.fc.weight, source.fc.weight)  # same shape: the head is copied as well
+
+
+def test_pretrained_bundle_gives_its_preprocessing(tmp_path):
+    from kamal_engine.backbones import build_model
+    model = build_model("smallnet", 4, width=8)
+    pre = Preprocessing(40, (0.1, 0.1, 0.1), (0.3, 0.3, 0.3))
+    Teacher("bb", "smallnet", ["a", "b", "c", "d"], "multiclass", pre, model,
+            arch_kwargs={"width": 8}).save(tmp_path / "bb.kamal.pt")
+    student = build_model("smallnet", 2, width=8)
+    assert load_pretrained(student, "smallnet", tmp_path / "bb.kamal.pt") == pre
+    assert torch.equal(student.stages[3][0].conv1.weight, model.stages[3][0].conv1.weight)
+
+
+def test_pretrained_weights_of_another_architecture_are_refused(resnet18_files):
+    _, path = resnet18_files
+    from kamal_engine.backbones import build_model
+    with pytest.raises(CheckpointError, match=r"r18\.pth: does not fit the student's architecture 'smallnet': "
+                                              r"\d+ missing keys \(stem"):
+        load_pretrained(build_model("smallnet", 2), "smallnet", path)
+    with pytest.raises(CheckpointError, match=r"shape mismatches, file vs student \(layer1\.0\.conv1\.weight "
+                                              r"\[64, 64, 3, 3\] vs \[32, 32, 3, 3\]"):
+        thin = torchvision.models.resnet18(num_classes=2)
+        thin.layer1[0].conv1 = torch.nn.Conv2d(32, 32, 3, 1, 1, bias=False)  # the same keys, another shape
+        load_pretrained(thin, "resnet18", path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QIcon, QPixmap
-from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxLayout,
+from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
                                QLabel, QLineEdit, QListView, QListWidget, QListWidgetItem, QRadioButton, QScrollArea,
                                QSpinBox, QVBoxLayout, QWidget)
 
@@ -145,6 +145,8 @@ class DataMethodPage(QWidget):
         self.student_arch.currentIndexChanged.connect(self._run_changed)
         form.addRow("Student architecture", self.student_arch)
         self.student_init = QComboBox()
+        self.student_init.setToolTip("The papers start the student from ImageNet weights: choose such a file of the "
+                                     "student's architecture with 'weights from a file…'")
         self.student_init.currentIndexChanged.connect(self._run_changed)
         form.addRow("Student starts from", self.student_init)
         self.device = QComboBox()
@@ -204,11 +206,16 @@ class DataMethodPage(QWidget):
             self.validation.set_path(s.validation)
             self.run_name.setText(s.name)
             self.student_arch.setCurrentIndex(max(0, self.student_arch.findData(s.student_arch)))
-            self.student_init.clear()
+            self.student_init.clear()  # item data are strings: QComboBox.findData compares tuples by identity
             for n, t in enumerate(s.teachers, 1):
-                self.student_init.addItem(f"teacher {n}: {t.name}'s weights", ("teacher", n))
-            self.student_init.addItem("random initialisation", ("random", 1))
-            wanted = ("random", 1) if s.student_init == "random" else ("teacher", s.student_teacher)
+                self.student_init.addItem(f"teacher {n}: {t.name}'s weights", f"teacher:{n}")
+            self.student_init.addItem("random initialisation", "random")
+            if s.student_checkpoint is not None:
+                self.student_init.addItem(f"weights file: {s.student_checkpoint.name}", "checkpoint")
+                self.student_init.setItemData(self.student_init.count() - 1, str(s.student_checkpoint),
+                                              Qt.ItemDataRole.ToolTipRole)
+            self.student_init.addItem("weights from a file…", "browse")
+            wanted = f"teacher:{s.student_teacher}" if s.student_init == "teacher" else s.student_init
             self.student_init.setCurrentIndex(max(0, self.student_init.findData(wanted)))
             index = self.device.findData(s.device)
             if index < 0:  # e.g. a recipe for cuda:1 opened on a machine without it: show it anyway
@@ -342,7 +349,19 @@ class DataMethodPage(QWidget):
         s = self.session
         s.name = self.run_name.text().strip() or s.name
         s.student_arch = self.student_arch.currentData()
-        init, teacher = self.student_init.currentData() or ("teacher", 1)
+        init, _, teacher = (self.student_init.currentData() or "teacher:1").partition(":")
+        teacher = int(teacher) if teacher else s.student_teacher
+        if init == "browse":  # ask for the file; cancelling keeps what was chosen before
+            start = str(s.student_checkpoint.parent if s.student_checkpoint else Path.home())
+            chosen, _ = QFileDialog.getOpenFileName(
+                self, "Weights to start the student from", start,
+                "Checkpoints (*.pt *.pth *.safetensors *.bin *.ckpt);;All files (*)")
+            if chosen:
+                s.student_init, s.student_checkpoint = "checkpoint", Path(chosen).resolve()
+            self.refresh()  # the combo shows the file (or the previous choice again)
+            if not chosen:
+                return
+            init, teacher = "checkpoint", s.student_teacher
         s.student_init, s.student_teacher = init, teacher
         s.device = self.device.currentData()
         s.seed = self.seed.value()
