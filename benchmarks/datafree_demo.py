@@ -40,9 +40,10 @@ from kamal_engine.runner import run_recipe  # noqa: E402
 def recipe_for(workspace: Path, name: str, base: str, method: str, params: dict, init: str | None = None) -> Path:
     text = (workspace / "recipes" / f"{base}.toml").read_text()
     if init == "checkpoint":  # the recipe's commented lines: start from the demo's pre-trained backbone
-        if '# init = "checkpoint"' not in text:
-            raise SystemExit(f"{workspace} was built before the demo kept its backbone; rebuild it (kamal demo --force)")
-        text = text.replace('init = "random"\n', "").replace("# init = ", "init = ").replace("# checkpoint = ", "checkpoint = ")
+        try:
+            text = demo.with_pretrained_init(text)
+        except ValueError as exc:
+            raise SystemExit(f"{workspace}: {exc}") from None
     elif init is not None:
         text = text.replace('init = "random"', f'init = "{init}"')
     lines = "".join(f"\n{k} = {json.dumps(v)}" for k, v in params.items())

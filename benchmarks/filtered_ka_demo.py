@@ -34,9 +34,10 @@ def recipe_for(workspace: Path, name: str, method: str, selects: tuple[list[str]
                init: str = "teacher") -> Path:
     text = (workspace / "recipes" / "filtered-ka.toml").read_text()
     if init == "checkpoint":  # the recipe's commented lines: start from the pre-trained backbone
-        if '# init = "checkpoint"' not in text:
-            raise SystemExit(f"{workspace} was built before the demo kept its backbone; rebuild it (kamal demo --force)")
-        text = text.replace('init = "teacher"\n', "").replace("# init = ", "init = ").replace("# checkpoint = ", "checkpoint = ")
+        try:
+            text = demo.with_pretrained_init(text)
+        except ValueError as exc:
+            raise SystemExit(f"{workspace}: {exc}") from None
     text = text.replace('id = "filtered-ka"', f'id = "{method}"').replace('device = "auto"', 'device = "cpu"')
     text = text.replace('output_dir = "../runs/filtered-ka"', f'output_dir = "../runs/bench-{name}"')
     text = text.replace('name = "demo-filtered-ka"', f'name = "bench-{name}"')

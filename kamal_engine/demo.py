@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -248,6 +249,15 @@ def write_recipes(root: Path, config: DemoConfig) -> list[Path]:
 def pretrained_path(root: Path) -> Path:
     """The shared pre-trained backbone (a 10-class single-digit SmallNet bundle): ImageNet's stand-in."""
     return Path(root) / "pretrained" / "backbone_digits.kamal.pt"
+
+
+def with_pretrained_init(recipe_text: str) -> str:
+    """A demo recipe's text with its commented ``init = "checkpoint"`` lines switched on (the backbone start)."""
+    if '# init = "checkpoint"' not in recipe_text:
+        raise ValueError("the recipe has no commented init = \"checkpoint\" lines: it was written before the demo "
+                         "kept its backbone; rebuild the workspace (kamal demo --force)")
+    text = re.sub(r'^init = "(teacher|random)"\n', "", recipe_text, flags=re.M)
+    return text.replace("# init = ", "init = ").replace("# checkpoint = ", "checkpoint = ")
 
 
 def teacher_paths(root: Path, config: DemoConfig) -> list[Path]:

@@ -83,33 +83,31 @@ def find_sidecar_labels(checkpoint: Path) -> Path | None:
     return None
 
 
-def _some(items: list[str]) -> str:
-    return ", ".join(items[:4]) + (f", … ({len(items) - 4} more)" if len(items) > 4 else "")
+def _misfits(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], keys, model_name: str,
+             unexpected: list[str] = ()) -> list[str]:
+    """What of ``keys`` (the model's) the file's ``weights`` lack or hold in another shape, as sentence parts."""
+    def some(items):
+        return ", ".join(items[:4]) + (f", … ({len(items) - 4} more)" if len(items) > 4 else "")
+
+    missing = [k for k in keys if k not in weights]
+    mismatched = [f"{k} {list(weights[k].shape)} vs {list(own[k].shape)}"
+                  for k in keys if k in weights and weights[k].shape != own[k].shape]
+    return ([f"{len(missing)} missing keys ({some(missing)})"] if missing else []) + (
+        [f"{len(unexpected)} unexpected keys ({some(unexpected)})"] if unexpected else []) + (
+        [f"{len(mismatched)} shape mismatches, file vs {model_name} ({some(mismatched)})"] if mismatched else [])
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: Path | None) -> None:
     """``load_state_dict(strict=True)`` with an error that lists what does not fit."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [f"{k} {list(state_dict[k].shape)} vs {list(own[k].shape)}"
-                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        some = _some
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({some(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({some(unexpected)})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches, file vs model ({some(mismatched)})")
+    parts = _misfits(own, state_dict, own, "model", [k for k in state_dict if k not in own])
+    if parts:
         raise CheckpointError(
             f"the weights do not fit architecture '{arch}': {'; '.join(parts)}. "
             "Check the architecture (--arch / 'arch' in the recipe) and its arguments",
             path,
         )
     model.load_state_dict(state_dict, strict=True)
-
 
 
 def load_pretrained(model: nn.Module, arch: str, path: str | os.PathLike) -> Preprocessing | None:
@@ -130,13 +128,8 @@ def load_pretrained(model: nn.Module, arch: str, path: str | os.PathLike) -> Pre
         raise CheckpointError("holds no weights to start the student from", path)
     head = get_architecture(arch).classifier_key.rsplit(".", 1)[0] + "."
     own = model.state_dict()
-    trunk = [k for k in own if not k.startswith(head)]
-    missing = [k for k in trunk if k not in weights]
-    mismatched = [f"{k} {list(weights[k].shape)} vs {list(own[k].shape)}"
-                  for k in trunk if k in weights and weights[k].shape != own[k].shape]
-    if missing or mismatched:
-        parts = ([f"{len(missing)} missing keys ({_some(missing)})"] if missing else []) + (
-            [f"{len(mismatched)} shape mismatches, file vs student ({_some(mismatched)})"] if mismatched else [])
+    parts = _misfits(own, weights, [k for k in own if not k.startswith(head)], "student")
+    if parts:
         raise CheckpointError(
             f"does not fit the student's architecture '{arch}': {'; '.join(parts)}. Give weights of the same "
             "architecture ([student] arch and arch_kwargs) or another init", path)

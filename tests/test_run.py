@@ -181,7 +181,7 @@ def test_running_a_finished_run_again_trains_again(quick_demo, tmp_path, capsys,
 
 def test_student_init_from_the_demo_backbone(quick_demo, tmp_path):
     """init = "checkpoint" (the recipe's commented lines): the trunk and normalisation are the backbone's."""
-    from kamal_engine.demo import pretrained_path
+    from kamal_engine.demo import pretrained_path, with_pretrained_init
     from kamal_engine.runner import build_student
     from kamal_engine.selection import TaskSelection
     from kamal_engine.teacher import load_teacher
@@ -190,7 +190,7 @@ def test_student_init_from_the_demo_backbone(quick_demo, tmp_path):
     path = tiny_recipe(root, tmp_path / "pre")
     text = path.read_text()
     assert '# init = "checkpoint"\n# checkpoint = ' in text
-    path.write_text(text.replace('init = "teacher"\n', "").replace("# init = ", "init = ").replace("# checkpoint", "checkpoint"))
+    path.write_text(with_pretrained_init(text))
     recipe = load_recipe(path)
     assert recipe.student_checkpoint == pretrained_path(root).resolve()
     teachers = [t.load() for t in recipe.teachers]
