@@ -19,7 +19,10 @@ one-shot). CPU, 2 threads' worth of time is stated per run.
 ``--seeds``: each variant is run once per seed (the recipe's ``[run] seed``: initialisation of the
 new layers, image order) and every figure is the mean over the seeds, with the spread (± one standard
 deviation) beside it; the checks compare means. Results then go to ``adaptive_ka_demo_seeds.json``
-and ``.md``, so the one-seed tables of the README stay. A single run's AP moves by up to about a point
+and ``.md``, so the one-seed tables of the README stay.
+
+``--only`` adds to the results file: variants it does not run are kept from the file when they were
+run on the same workspace with the same seeds (a fresh workspace or other seeds replace them). A single run's AP moves by up to about a point
 between seeds on these 1000 validation images, so one seed decides a ±0.5-point check by chance.
 """
 
@@ -57,11 +60,26 @@ def recipe_for(workspace: Path, name: str, extra: str, seed: int = 0) -> Path:
     return path
 
 
-def run(path: Path) -> dict:
+def run(path: Path, seed: int) -> dict:
     started, wall = time.process_time(), time.monotonic()
     result = run_recipe(load_recipe(path), restart=True)
-    return {**result.report, "cpu_seconds": round(time.process_time() - started, 1),
+    return {**result.report, "seed": seed, "cpu_seconds": round(time.process_time() - started, 1),
             "wall_seconds": round(time.monotonic() - wall, 1)}
+
+
+def earlier_results(path: Path, workspace: Path, seeds: list[int]) -> dict:
+    """The variants an earlier invocation wrote to ``path`` for the same workspace and seeds (so that
+    ``--only`` adds to a results file instead of replacing it)."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    kept = {}
+    for name, runs in results.items() if isinstance(results, dict) else ():
+        if (name in VARIANTS and isinstance(runs, list) and [r.get("seed") for r in runs] == seeds
+                and all(Path(r["validation"]["data"]).resolve().is_relative_to(workspace) for r in runs)):
+            kept[name] = runs
+    return kept
 
 
 def fmt(x):
@@ -154,8 +172,6 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if "two-stage" not in names:
-        parser.error("--only must include two-stage (the tables compare the other variants with it)")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -168,12 +184,21 @@ def main() -> None:
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     stem = "adaptive_ka_demo" if seeds == [0] else "adaptive_ka_demo_seeds"
-    results = {}
+    kept = {n: r for n, r in earlier_results(out / f"{stem}.json", workspace, seeds).items() if n not in names}
+    if "two-stage" not in names and "two-stage" not in kept:
+        parser.error(f"--only must include two-stage: benchmarks/results/{stem}.json has no two-stage run of this "
+                     "workspace with these seeds, and the tables compare the other variants with it")
+    if kept:
+        print(f"Keeping {', '.join(kept)} from the earlier {stem}.json (same workspace and seeds).", flush=True)
+    results = dict(kept)
     for seed in seeds:
         for name in names:
             print(f"== {name}, seed {seed}", flush=True)
-            results.setdefault(name, []).append(run(recipe_for(workspace, name, VARIANTS[name], seed)))
-            (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+            runs = results[name] = [] if seed == seeds[0] else results[name]
+            runs.append(run(recipe_for(workspace, name, VARIANTS[name], seed), seed))
+            ordered = {n: results[n] for n in VARIANTS if n in results}
+            (out / f"{stem}.json").write_text(json.dumps(ordered, indent=2) + "\n")
+    results = {n: results[n] for n in VARIANTS if n in results}
     table = tables(results)
     (out / f"{stem}.md").write_text(table)
     print(table)
