@@ -18,12 +18,13 @@ one-shot). CPU, 2 threads' worth of time is stated per run.
 
 ``--seeds``: each variant is run once per seed (the recipe's ``[run] seed``: initialisation of the
 new layers, image order) and every figure is the mean over the seeds, with the spread (± one standard
-deviation) beside it; the checks compare means. Results then go to ``adaptive_ka_demo_seeds.json``
-and ``.md``, so the one-seed tables of the README stay.
+deviation) beside it; the checks compare means. A single run's AP moves by up to about a point
+between seeds on these 1000 validation images, so one seed decides a ±0.5-point check partly by
+chance. Results then go to ``adaptive_ka_demo_seeds.json`` and ``.md``, so the one-seed tables of the
+README stay.
 
 ``--only`` adds to the results file: variants it does not run are kept from the file when they were
-run on the same workspace with the same seeds (a fresh workspace or other seeds replace them). A single run's AP moves by up to about a point
-between seeds on these 1000 validation images, so one seed decides a ±0.5-point check by chance.
+run on the same workspace with the same seeds (another workspace or other seeds replace them).
 """
 
 from __future__ import annotations
@@ -176,26 +177,29 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds takes comma-separated whole numbers, not {args.seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds names a seed twice: {args.seeds}")
     workspace = Path(args.workspace).resolve()
-    if not demo.is_complete(workspace):
-        demo.build_demo(workspace, demo.DemoConfig(), log=print)
-    if not (workspace / "recipes" / "adaptive-ka.toml").is_file():
-        demo.build_heterogeneous(workspace, demo.DemoConfig(), log=print)
     out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
     stem = "adaptive_ka_demo" if seeds == [0] else "adaptive_ka_demo_seeds"
     kept = {n: r for n, r in earlier_results(out / f"{stem}.json", workspace, seeds).items() if n not in names}
     if "two-stage" not in names and "two-stage" not in kept:
         parser.error(f"--only must include two-stage: benchmarks/results/{stem}.json has no two-stage run of this "
                      "workspace with these seeds, and the tables compare the other variants with it")
+    if not demo.is_complete(workspace):
+        demo.build_demo(workspace, demo.DemoConfig(), log=print)
+    if not (workspace / "recipes" / "adaptive-ka.toml").is_file():
+        demo.build_heterogeneous(workspace, demo.DemoConfig(), log=print)
+    out.mkdir(exist_ok=True)
     if kept:
         print(f"Keeping {', '.join(kept)} from the earlier {stem}.json (same workspace and seeds).", flush=True)
     results = dict(kept)
     for seed in seeds:
         for name in names:
             print(f"== {name}, seed {seed}", flush=True)
-            runs = results[name] = [] if seed == seeds[0] else results[name]
-            runs.append(run(recipe_for(workspace, name, VARIANTS[name], seed), seed))
+            if seed == seeds[0]:
+                results[name] = []
+            results[name].append(run(recipe_for(workspace, name, VARIANTS[name], seed), seed))
             ordered = {n: results[n] for n in VARIANTS if n in results}
             (out / f"{stem}.json").write_text(json.dumps(ordered, indent=2) + "\n")
     results = {n: results[n] for n in VARIANTS if n in results}
