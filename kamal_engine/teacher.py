@@ -135,7 +135,7 @@ def load_pretrained(model: nn.Module, arch: str, path: str | os.PathLike) -> Pre
             "architecture ([student] arch and arch_kwargs) or another init", path)
     model.load_state_dict({k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}, strict=False)
     if raw.kind == "bundle" and raw.bundle and all(k in raw.bundle for k in ("input_size", "mean", "std")):
-        return Preprocessing(raw.bundle["input_size"], raw.bundle["mean"], raw.bundle["std"])
+        return Preprocessing.from_dict(raw.bundle)
     return None
 
 
