@@ -74,7 +74,11 @@ def entropy_floor(path: Path) -> dict[str, float]:
     images = UnlabeledImages.from_folder(recipe.unlabeled, size).images
     with torch.no_grad():
         targets = torch.cat(teacher_targets(selection, images, torch.device("cpu")), 1)
-        logits = torch.logit(targets.double().clamp(1e-12, 1 - 1e-12)).float()  # the teachers' own logits
+        p = targets.double().clamp(1e-12, 1 - 1e-12)
+        columns = p.split([len(t.outputs) for t in selection.tasks], 1)
+        # logits that give back the teachers' own probabilities: sigmoid⁻¹ per label, log within a softmax
+        logits = torch.cat([torch.logit(c) if t.kind == "multilabel" else c.log()
+                            for t, c in zip(selection.tasks, columns)], 1).float()
         floors = task_losses(logits, targets, selection.tasks)
     return {task.name: round(float(v), 6) for task, v in zip(selection.tasks, floors)}
 
