@@ -7,6 +7,8 @@ the GUI thread drains it from its redraw timer (20 Hz) into a :class:`RunMonitor
   the mean loss of that teacher's selected tasks at each step; ``finetune · …`` after the blocks);
 * ``generator``: generator losses of data-free methods (step losses named ``generator:<term>``);
 * ``converged``: the converged loss of each task at each block, and ``plan``: the chosen branch points;
+* ``knowledge``: per block and teacher, how much of the teacher's knowledge the student reproduces
+  (filtered-ka's diagnosis: share, filter kind, feature relatedness), and ``warnings``: plain sentences;
 * ``samples``: the latest grid of generated images (data-free methods), progress, ETA and stage text.
 """
 
@@ -59,6 +61,8 @@ class RunMonitor:
         self.converged: dict[str, dict[str, float]] = {}
         self.block_names: dict[int, str] = {}
         self.plan: dict[str, str] = {}
+        self.knowledge: dict[str, dict[str, dict]] = {}  # block name -> teacher -> diagnosis
+        self.warnings: list[str] = []
         self.samples = None
         self.samples_step = 0
         self.fraction = 0.0
@@ -97,6 +101,15 @@ class RunMonitor:
             self.new_log.append(f"  converged loss at {event.block_name}: "
                                 + ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items()))
             self.dirty.add("converged")
+        elif isinstance(event, ev.BlockDiagnosed):
+            self.knowledge[event.block_name] = dict(event.teachers)
+            self.new_log.append(f"  knowledge reproduced at {event.block_name}: " + ", ".join(
+                f"{t} {d['share']:.0%} ({d['filter']})" for t, d in event.teachers.items()))
+            self.dirty.add("knowledge")
+        elif isinstance(event, ev.RunWarning):
+            self.warnings.append(event.message)
+            self.new_log.append(f"Warning: {event.message}")
+            self.dirty.add("knowledge")
         elif isinstance(event, ev.BranchPlanChosen):
             self.plan = dict(event.plan)
             self.new_log.append("Branch points: " + ", ".join(f"{k} → {v}" for k, v in event.plan.items()))

@@ -266,6 +266,11 @@ def cmd_demo(args) -> int:
             manifest = demo.build_heterogeneous(root, config, device, log=_log)
         else:
             _log("The heterogeneous source teachers are already built (--force rebuilds everything).")
+    if args.independent:
+        if "independent" not in manifest or not all(p.is_file() for p in demo.independent_paths(root)):
+            manifest = demo.build_independent(root, config, device, log=_log)
+        else:
+            _log("The independent teachers are already built (--force rebuilds everything).")
     if args.json:
         _print_json({"workspace": str(root), **manifest})
         return 0
@@ -286,7 +291,13 @@ def cmd_demo(args) -> int:
         print(format_table(["teacher", "file", "labels", "validation mAP"],
                            [[t["name"], t["file"], ", ".join(t["labels"]), _fmt(t["validation"]["mean_ap"])]
                             for t in sources], right=(3,)))
-    recipes = manifest["recipes"] + ([manifest["heterogeneous"]["recipe"]] if "heterogeneous" in manifest else [])
+    if "independent" in manifest:
+        print("\nTeachers trained apart (for filtered-ka on unrelated features):")
+        print(format_table(["teacher", "file", "labels", "validation mAP"],
+                           [[t["name"], t["file"], ", ".join(t["labels"]), _fmt(t["validation"]["mean_ap"])]
+                            for t in manifest["independent"]["teachers"]], right=(3,)))
+    recipes = manifest["recipes"] + [manifest[part]["recipe"] for part in ("heterogeneous", "independent")
+                                     if part in manifest]
     print(f"\nRecipes: {', '.join(recipes)}")
     return 0
 
@@ -343,6 +354,12 @@ class ProgressPrinter:
         elif isinstance(event, ev.BlockConverged):
             values = ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
             self.line(f"  converged loss at {event.block_name}: {values}")
+        elif isinstance(event, ev.BlockDiagnosed):
+            values = ", ".join(f"{name} {d['share']:.0%} ({d['filter']}, CKA {d['related_before']:.2f})"
+                               for name, d in event.teachers.items())
+            self.line(f"  knowledge reproduced at {event.block_name}: {values}")
+        elif isinstance(event, ev.RunWarning):
+            self.line(f"Warning: {event.message}")
         elif isinstance(event, ev.BranchPlanChosen):
             self.line("Branch points: " + ", ".join(f"{k} → {v}" for k, v in event.plan.items()))
         elif isinstance(event, ev.Evaluated):
@@ -434,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heterogeneous", action="store_true",
                    help="also train four source teachers of mixed architectures with overlapping labels and write "
                         "recipes/adaptive-ka.toml (about three minutes more on a laptop CPU)")
+    p.add_argument("--independent", action="store_true",
+                   help="also train three torchvision teachers apart (two ResNet-18s and a ResNet-34, from scratch, "
+                        "each on its own images, labels and seed; saved as bare state_dicts + labels files) and write "
+                        "recipes/filtered-ka-independent.toml (about six minutes more on two CPU cores)")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu, repeatable)")
     p.add_argument("--json", action="store_true", help="print the workspace manifest as JSON")
     p.set_defaults(func=cmd_demo)

@@ -139,14 +139,16 @@ def _write_split(folder: Path, images: np.ndarray, targets: np.ndarray | None) -
 def train_teacher(images: np.ndarray, targets: np.ndarray, preprocessing: Preprocessing, config: DemoConfig,
                   device: torch.device, log: Log, title: str, epochs: int | None = None,
                   start_from: dict | None = None, learning_rate: float | None = None,
-                  arch: str = "smallnet", arch_kwargs: dict | None = None) -> torch.nn.Module:
+                  arch: str = "smallnet", arch_kwargs: dict | None = None, seed: int | None = None) -> torch.nn.Module:
     """Supervised training of a SmallNet (or ``arch`` with ``arch_kwargs``) on grayscale images (replicated
     to RGB).
 
     ``targets`` (N, L) 0/1: multi-label (BCE); (N,) class indices: multi-class (cross entropy).
     ``start_from``: a state dict to fine-tune from (every weight but the classifier's).
+    ``seed``: the initial weights' and the image order's seed (default: the workspace's).
     """
-    torch.manual_seed(config.seed)
+    seed = config.seed if seed is None else seed
+    torch.manual_seed(seed)
     multiclass = targets.ndim == 1
     outputs = int(targets.max()) + 1 if multiclass else targets.shape[1]
     model = build_model(arch, outputs, **(arch_kwargs if arch_kwargs is not None else {"width": config.teacher_width}))
@@ -162,7 +164,7 @@ def train_teacher(images: np.ndarray, targets: np.ndarray, preprocessing: Prepro
     learning_rate = learning_rate or config.learning_rate
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=total, pct_start=0.15)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     start, step = time.monotonic(), 0
     model.train()
     for epoch in range(epochs):
@@ -458,5 +460,116 @@ def build_heterogeneous(root: str | Path, config: DemoConfig | None = None, devi
     manifest["heterogeneous"] = {"teachers": teacher_summaries(root, results),
                                  "recipe": str(recipe.relative_to(root)),
                                  "build_seconds": round(time.monotonic() - started, 1)}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@dataclass(frozen=True)
+class IndependentTeacher:
+    """One of the independent demo's teachers: trained from scratch, alone, as a user's own teacher is."""
+
+    name: str
+    arch: str  # a torchvision architecture
+    digits: tuple[int, ...]
+    part: int  # its own third of the teacher-train split
+    seed: int  # its own initial weights and image order
+    epochs: int
+    arch_kwargs: dict = field(default_factory=dict)
+
+
+INDEPENDENT_TEACHERS = (
+    IndependentTeacher("ind1_resnet18", "resnet18", (0, 1, 2, 3), 0, 1, 8),
+    IndependentTeacher("ind2_resnet18", "resnet18", (4, 5, 6), 1, 2, 8),
+    IndependentTeacher("ind3_resnet34", "resnet34", (7, 8, 9), 2, 3, 8),
+)
+
+INDEPENDENT_RECIPE_HEAD = """\
+# KAmal Studio recipe written by `kamal demo --independent` (data mode). Paths are relative to this file.
+# Three teachers trained apart (from scratch, each on its own images, labels and seed; two ResNet-18s and
+# a ResNet-34), saved as bare state_dicts with a labels file, the way teachers from elsewhere arrive.
+# Their block features are not related the way the shared-backbone teachers' are.
+# Run it with:  kamal run recipes/filtered-ka-independent.toml
+[run]
+name = "demo-filtered-ka-independent"
+output_dir = "../runs/filtered-ka-independent"
+device = "auto"
+seed = 0
+precision = "auto"
+"""
+
+INDEPENDENT_RECIPE_TAIL = """
+[student]
+arch = "{arch}"
+init = "teacher"
+teacher = 1
+
+[data]
+mode = "data"
+unlabeled = "../data/unlabeled"
+validation = "../data/validation/labels.csv"
+image_size = {size}
+
+[method]
+id = "filtered-ka"
+
+[export]
+onnx = "../runs/filtered-ka-independent/student.onnx"
+opset = 18
+"""
+
+
+def independent_paths(root: Path, teachers: Sequence[IndependentTeacher] = INDEPENDENT_TEACHERS) -> list[Path]:
+    return [Path(root) / "teachers" / "independent" / f"{t.name}.pth" for t in teachers]
+
+
+def load_independent_teachers(root: Path, teachers: Sequence[IndependentTeacher] = INDEPENDENT_TEACHERS
+                              ) -> list[Teacher]:
+    """The independent teachers, loaded as a user's bare state_dicts are (architecture detected)."""
+    return [load_teacher(path, task="multilabel", input_size=SIZE, labels_file=path.with_suffix(".labels.txt"))
+            for path in independent_paths(root, teachers)]
+
+
+def build_independent(root: str | Path, config: DemoConfig | None = None, device: str | torch.device = "cpu",
+                      log: Log = print, teachers: Sequence[IndependentTeacher] = INDEPENDENT_TEACHERS) -> dict:
+    """Add teachers trained apart and ``recipes/filtered-ka-independent.toml`` to a built workspace.
+
+    Each teacher is a torchvision network trained from scratch on its own part of the teacher-train
+    split, with its own labels and seed, and saved as a bare ``state_dict`` plus ``<name>.labels.txt``
+    (ImageNet normalisation, the foreign default). Nothing relates their block features, unlike the
+    shared-backbone teachers the filtered-KA paper (and the main demo) assume.
+    """
+    config, root, device = config or DemoConfig(), Path(root), torch.device(device)
+    if not is_complete(root):
+        raise ValueError(f"{root} is not a built demo workspace; build it first")
+    started = time.monotonic()
+    images, targets = read_split(root / "data" / "teacher-train")
+    parts = np.array_split(np.arange(len(images)), max(t.part for t in teachers) + 1)
+    preprocessing = Preprocessing(SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    paths = independent_paths(root, teachers)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for spec, path in zip(teachers, paths):
+        rows = parts[spec.part]
+        log(f"Training teacher {spec.name} ({spec.arch}, from scratch) on labels "
+            f"{', '.join(DIGIT_NAMES[d] for d in spec.digits)} ({len(rows)} images, {spec.epochs} epochs, "
+            f"seed {spec.seed}, {device}) …")
+        model = train_teacher(images[rows], targets[rows][:, list(spec.digits)], preprocessing, config, device, log,
+                              spec.name, epochs=spec.epochs, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs),
+                              seed=spec.seed)
+        torch.save(model.state_dict(), path)
+        path.with_suffix(".labels.txt").write_text("\n".join(DIGIT_NAMES[d] for d in spec.digits) + "\n")
+    recipe = root / "recipes" / "filtered-ka-independent.toml"
+    text = INDEPENDENT_RECIPE_HEAD
+    for path in paths:
+        text += (f'\n[[teachers]]\ncheckpoint = "../teachers/independent/{path.name}"\n'
+                 f'labels_file = "../teachers/independent/{path.with_suffix(".labels.txt").name}"\n'
+                 f'task = "multilabel"\ninput_size = {SIZE}\n')
+    recipe.write_text(text + INDEPENDENT_RECIPE_TAIL.format(size=SIZE, arch=teachers[0].arch))
+    log("Evaluating the independent teachers on the validation split …")
+    validation = read_labelled_csv(root / "data" / "validation" / "labels.csv")
+    results = [(t, evaluate_teacher(t, validation, device=device)) for t in load_independent_teachers(root, teachers)]
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["independent"] = {"teachers": teacher_summaries(root, results),
+                               "recipe": str(recipe.relative_to(root)),
+                               "build_seconds": round(time.monotonic() - started, 1)}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

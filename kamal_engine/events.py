@@ -91,6 +91,22 @@ class BlockConverged:
 
 
 @dataclass
+class BlockDiagnosed:
+    """How far each teacher's knowledge got through at a block (filtered-KA's diagnosis)."""
+
+    block: int
+    block_name: str
+    teachers: dict[str, dict[str, Any]]  # teacher -> {filter, related_before, related_after, share, gap}
+
+
+@dataclass
+class RunWarning:
+    """Something the user should know about the result, as a plain sentence."""
+
+    message: str
+
+
+@dataclass
 class SamplesGenerated:
     step: int
     images: Any  # uint8 tensor (N, 3, H, W)

@@ -38,12 +38,28 @@ class TeacherFilter(nn.Module):
 
 
 class FeatureAdapter(nn.Module):
-    """1x1 conv from the student's channels to the teacher's, then a resize to the teacher's size."""
+    """1x1 conv from the student's channels to the teacher's, then a resize to the teacher's size.
+
+    Unlike the SE gate it can re-map channels: where the student's block feature and the teacher's
+    are related only up to a linear change of channels (teachers trained apart), it can learn that map.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, size: Sequence[int]):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, out_channels, 1)
         self.size = tuple(int(s) for s in size)
+
+    @torch.no_grad()
+    def set_map(self, weight: torch.Tensor, bias: torch.Tensor) -> "FeatureAdapter":
+        """Set the 1x1 convolution to ``weight`` ``(out, in)`` and ``bias`` ``(out,)``."""
+        self.proj.weight.copy_(weight.reshape(self.proj.weight.shape))
+        self.proj.bias.copy_(bias)
+        return self
+
+    def set_identity(self) -> "FeatureAdapter":
+        """Channel i to channel i (the identity when the channel counts match), no bias."""
+        out_c, in_c = self.proj.weight.shape[:2]
+        return self.set_map(torch.eye(out_c, in_c), torch.zeros(out_c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
@@ -52,9 +68,12 @@ class FeatureAdapter(nn.Module):
         return x
 
 
-def filter_spec(student_shape: Sequence[int], teacher_shape: Sequence[int], reduction: int = 4) -> dict[str, Any]:
-    """How to connect a student feature of ``student_shape`` (C, H, W) to a teacher block's input."""
-    if tuple(student_shape) == tuple(teacher_shape):
+def filter_spec(student_shape: Sequence[int], teacher_shape: Sequence[int], reduction: int = 4,
+                kind: str = "se") -> dict[str, Any]:
+    """How to connect a student feature of ``student_shape`` (C, H, W) to a teacher block's input:
+    ``kind = "se"`` gives the SE gate where the shapes match (else an adapter), ``"adapter"`` always an
+    adapter."""
+    if kind == "se" and tuple(student_shape) == tuple(teacher_shape):
         return {"kind": "se", "channels": int(student_shape[0]), "reduction": int(reduction)}
     return {"kind": "adapter", "in_channels": int(student_shape[0]), "out_channels": int(teacher_shape[0]),
             "size": [int(teacher_shape[1]), int(teacher_shape[2])]}

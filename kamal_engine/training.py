@@ -222,3 +222,30 @@ class StepLoop:
                 self.emit(StepLosses(s.step, s.total_steps, stage, block, epoch, losses, s.images_seen / elapsed, eta))
         self.metrics.flush()
         return {k: v / max(1, count) for k, v in sums.items()}
+
+
+AUGMENTATIONS = ("none", "shift", "shift+flip")
+
+
+def consistent_views(images: torch.Tensor, generator: torch.Generator, augment: str, shift: int = 4) -> torch.Tensor:
+    """One random view of each image, which the teachers and the student then both see ("consistent"
+    distillation: the soft targets are the teachers' predictions on the very view the student gets).
+
+    ``images``: uint8 ``(N, 3, H, W)``; returns floats in [0, 1]. ``"shift"``: a translation of up to
+    ``shift`` pixels each way (borders repeat the edge); ``"shift+flip"`` adds a horizontal flip with
+    probability 1/2. ``"none"``: the images themselves.
+    """
+    x = images.float() / 255.0
+    if augment == "none":
+        return x
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTATIONS)}")
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator).tolist()
+    flips = torch.rand(n, generator=generator).tolist() if augment == "shift+flip" else [1.0] * n
+    views = []
+    for (dy, dx), flip, image in zip(offsets, flips, padded):
+        view = image[:, dy:dy + h, dx:dx + w]
+        views.append(view.flip(-1) if flip < 0.5 else view)
+    return torch.stack(views)

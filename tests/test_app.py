@@ -434,3 +434,22 @@ def test_the_stage_and_eta_lines_are_visible_and_change_without_a_relayout(windo
     page.redraw()
     assert page.eta.text() == "ETA 1m24s" and page.eta.isVisible() and page.eta.width() > 40
     assert "Block 2" in page.stage.text() and "123 img/s" in page.stage.text() and page.stage.width() > 200
+
+
+def test_the_knowledge_table_and_warning_follow_the_diagnosis(window, qtbot):
+    from kamal_engine import events as ev
+
+    window.nav.setCurrentRow(3)
+    page = window.train_page
+    qtbot.waitExposed(window)
+    assert not page.knowledge.isVisible() and not page.warning.isVisible()
+    row = {"filter": "se", "related_before": 0.8, "related_after": 0.9, "share": 0.97, "gap": 0.01}
+    page.events.put(ev.BlockDiagnosed(1, "b1", {"t_a": row, "t_b": {**row, "filter": "adapter", "share": 0.42}}))
+    page.redraw()
+    text = page.knowledge.text()
+    assert page.knowledge.isVisible() and "t_a" in text and "97%" in text and "42%" in text and "adapter" in text
+    assert "linear CKA" in page.knowledge.toolTip() and not page.warning.isVisible()
+    page.events.put(ev.RunWarning("the student reproduces t_b only 42 % of the way at every block"))
+    page.redraw()
+    assert page.warning.isVisible() and "t_b only 42 %" in page.warning.text()
+    assert "Warning: the student reproduces t_b" in page.log.toPlainText()

@@ -43,7 +43,12 @@ def test_filtered_ka_run_writes_every_output(quick_demo, tmp_path):
     assert set(report["branch_points"]) == set(report["labels"]) and len(report["labels"]) == 10
     for label, losses in report["converged_loss"].items():  # Eq. 9 on the recorded losses
         best = min(losses.values())
-        assert report["branch_points"][label] == max(b for b, v in losses.items() if v == best)
+        assert report["branch_plan"]["eq9"][label] == max(b for b, v in losses.items() if v == best)
+    plan = report["branch_plan"]
+    assert plan["parameters"] == report["size"]["student"]["parameters"]  # the plan's size is the student's
+    assert plan["parameters"] <= plan["budget_parameters"] or plan["rule"] == "over-budget"
+    if plan["rule"] == "eq9":
+        assert report["branch_points"] == plan["eq9"]
     assert set(report["ap_by_block"]) == {"b1", "b2", "b3", "b4"}
     assert set(report["validation"]["student"]["ap"]) == set(report["labels"])
     assert report["validation"]["teachers"]["digits_0to4"]["ap"].keys() == {"zero", "one", "two", "three", "four"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -179,6 +180,10 @@ class ResultsPage(QWidget):
                 f"Student: <b>{s['parameters']:,}</b> parameters, {s['flops'] / 1e6:.1f} MFLOPs per image · "
                 f"teachers: {t_params:,} parameters, {t_flops / 1e6:.1f} MFLOPs (sum) · "
                 f"student / teachers (parameters): <b>{size.get('student_vs_teachers_parameters', 0):.2f} ×</b>")
+        warnings = (report.get("diagnosis") or {}).get("warnings") or []
+        if warnings:  # a teacher whose knowledge did not get through (filtered-ka's diagnosis)
+            self.sizes.setText(self.sizes.text() + "".join(f"<br><span style='color:#8a6d00'>⚠ {html.escape(w)}</span>"
+                                                           for w in warnings))
         self.save_button.setEnabled(True)
 
     def load_run(self, folder: Path) -> None:

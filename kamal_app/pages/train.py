@@ -9,7 +9,9 @@ run stops after the current step and keeps its finished blocks (Start → Resume
 
 Shows: overall progress with ETA, the stage text, per-block losses (a curve per block and teacher,
 log-scale toggle), the converged loss of each task at each block with the chosen branch points
-marked, and for data-free methods the generator's losses and the latest generated samples.
+marked, how much of each teacher's knowledge the student reproduces at each block (filtered-ka's
+diagnosis, with the filter used and the features' relatedness in a tooltip) and any warning about it,
+and for data-free methods the generator's losses and the latest generated samples.
 """
 
 from __future__ import annotations
@@ -166,6 +168,13 @@ class TrainPage(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         row.addWidget(self.cancel_button)
         layout.addLayout(row)
+        self.warning = QLabel()  # a teacher whose knowledge does not get through, in a plain sentence
+        self.warning.setWordWrap(True)
+        self.warning.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.warning.setStyleSheet("QLabel { background: #fff3cd; color: #664d03; border: 1px solid #e0c36b; "
+                                   "padding: 4px; }")
+        self.warning.setVisible(False)
+        layout.addWidget(self.warning)
 
         grid = QGridLayout()
         layout.addLayout(grid, 1)
@@ -176,6 +185,10 @@ class TrainPage(QWidget):
         grid.addWidget(self.log_scale, 1, 0)
         self.converged_plot = _plot("Converged loss per block (★ branch point)", "converged loss", "block")
         grid.addWidget(self.converged_plot, 0, 1)
+        self.knowledge = QLabel()  # teacher x block: the share of its knowledge the student reproduces
+        self.knowledge.setTextFormat(Qt.TextFormat.RichText)
+        self.knowledge.setVisible(False)
+        grid.addWidget(self.knowledge, 1, 1)
         self.free_box = QGroupBox("Data-free: generator")
         free = QHBoxLayout(self.free_box)
         self.generator_plot = _plot("Generator losses", "loss", "step")
@@ -226,6 +239,9 @@ class TrainPage(QWidget):
         self.curves, self.generator_curves = {}, {}
         self.free_box.setVisible(data_free)
         self.converged_plot.setVisible(method_branches(recipe.method))  # kd, dafl, adaptive-ka: no branch-out
+        self.knowledge.setVisible(False)
+        self.knowledge.clear()
+        self.warning.setVisible(False)
         self.samples.setText("No samples yet.")
         self.progress.setValue(0)
         self.eta.setText("")
@@ -289,6 +305,8 @@ class TrainPage(QWidget):
             m.dirty_generator = set()
         if "converged" in dirty and not self._draw_converged(max(0, NEW_LINES_PER_TICK - created)):
             m.dirty.add("converged")  # more new lines to create: on the next tick
+        if "knowledge" in dirty:
+            self._draw_knowledge()
         if "samples" in dirty and m.samples is not None:
             self.free_box.setVisible(True)
             pixmap = QPixmap.fromImage(sample_grid(m.samples))
@@ -361,6 +379,38 @@ class TrainPage(QWidget):
             item.addItem(self.branch_stars)
         self.branch_stars.setData(stars)  # one item for all the ★ markers: one update, one paint
         return True
+
+    def _draw_knowledge(self) -> None:
+        """The diagnosis as a small table (teacher x block, share of its knowledge and the filter), and the
+        warnings above the plots."""
+        m = self.monitor
+        if m.knowledge:
+            blocks = list(m.knowledge)
+            teachers = list(dict.fromkeys(t for b in blocks for t in m.knowledge[b]))
+            head = "".join(f"<th>&nbsp;{b}&nbsp;</th>" for b in blocks)
+            rows = []
+            for t in teachers:
+                cells = []
+                for b in blocks:
+                    d = m.knowledge[b].get(t)
+                    if d is None:
+                        cells.append("<td></td>")
+                        continue
+                    color = "#1e7e34" if d["share"] >= 0.9 else "#b8860b" if d["share"] >= 0.7 else "#c0392b"
+                    cells.append(f"<td align='right' style='color:{color}'>&nbsp;{d['share']:.0%} "
+                                 f"<small>{'SE' if d['filter'] == 'se' else 'adapter'}</small>&nbsp;</td>")
+                rows.append(f"<tr><td>{t}&nbsp;</td>{''.join(cells)}</tr>")
+            self.knowledge.setText("<b>Knowledge reproduced</b> (share of each teacher's, by block; filter)"
+                                   f"<table cellspacing='0'><tr><th></th>{head}</tr>{''.join(rows)}</table>")
+            self.knowledge.setToolTip("\n".join(
+                f"{b} · {t}: {d['share']:.0%} of what the teacher's predictions say about the images; "
+                f"filter {d['filter']}; linear CKA of the features {d['related_before']:.2f} before training, "
+                f"{d['related_after']:.2f} after (through the filter)"
+                for b in blocks for t, d in m.knowledge[b].items()))
+            self.knowledge.setVisible(True)
+        if m.warnings:
+            self.warning.setText("⚠ " + "\n⚠ ".join(m.warnings))
+            self.warning.setVisible(True)
 
     # --- worker results ---
     def on_returned(self, result) -> None:
