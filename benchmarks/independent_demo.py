@@ -1,6 +1,6 @@
 """filtered-ka on teachers trained apart (`kamal demo --independent`; README "Measured").
 
-    python benchmarks/independent_demo.py [--workspace DIR] [--only NAME,...] [--set key=value ...]
+    python benchmarks/independent_demo.py [--workspace DIR] [--only NAME,...] [--set key=value ...] [--student key=value ...]
 
 Three torchvision teachers trained from scratch, each on its own third of the teacher-train split
 with its own labels and seed (ResNet-18 'zero'-'three', ResNet-18 'four'-'six', ResNet-34
@@ -20,13 +20,15 @@ other two, the worst label's gap to its teacher, the TargetNet's parameters agai
 sum, branch points, each teacher's knowledge share and filter per block, CPU and wall time.
 Writes ``benchmarks/results/independent_demo.json`` and ``.md``; ``--only`` adds to the file
 (variants it does not run are kept). ``--set key=value`` (repeatable) overrides a parameter of every
-variant run, for exploration; results with ``--set`` go to ``independent_demo_explore.*``.
+variant run, for exploration; results with ``--set`` go to ``independent_demo_explore.*``; so do those with ``--student key=value``, which
+overrides a key of the recipe's ``[student]`` table (``init = random``, ``teacher = 2``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,8 +58,12 @@ def toml_value(value) -> str:
     return repr(value)
 
 
-def recipe_for(workspace: Path, name: str, method: str, params: dict) -> Path:
+def recipe_for(workspace: Path, name: str, method: str, params: dict, student: dict | None = None) -> Path:
     text = (workspace / "recipes" / "filtered-ka-independent.toml").read_text()
+    for key, value in (student or {}).items():  # [student] is the only table with these keys
+        text, found = re.subn(rf"^{key} = .*$", f"{key} = {toml_value(value)}", text, count=1, flags=re.M)
+        if not found:
+            text = text.replace("[student]\n", f"[student]\n{key} = {toml_value(value)}\n", 1)
     lines = "".join(f"\n{k} = {toml_value(v)}" for k, v in params.items())
     text = text.replace('id = "filtered-ka"', f'id = "{method}"{lines}').replace('device = "auto"', 'device = "cpu"')
     text = text.replace('output_dir = "../runs/filtered-ka-independent"', f'output_dir = "../runs/bench-ind-{name}"')
@@ -149,17 +155,20 @@ def main() -> None:
     parser.add_argument("--only", help=f"comma-separated variants to run (default: all of {', '.join(VARIANTS)})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a filtered-ka parameter in every variant run (exploration)")
+    parser.add_argument("--student", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a [student] key of the recipe (init = teacher|random, teacher = N; exploration)")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; the variants are {', '.join(VARIANTS)}")
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: write KEY=VALUE")
-        overrides[key] = parse_value(value)
+    overrides, student = {}, {}
+    for flag, items, into in (("--set", args.set, overrides), ("--student", args.student, student)):
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"{flag} {item!r}: write KEY=VALUE")
+            into[key] = parse_value(value)
     workspace = Path(args.workspace).resolve()
     if not demo.is_complete(workspace):
         demo.build_demo(workspace, demo.DemoConfig(), log=print)
@@ -169,17 +178,21 @@ def main() -> None:
 
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    stem = "independent_demo_explore" if overrides else "independent_demo"
+    stem = "independent_demo_explore" if overrides or student else "independent_demo"
     results_path = out / f"{stem}.json"
     saved = json.loads(results_path.read_text()) if results_path.exists() else {}
     results = saved.get("variants", {}) if saved.get("workspace") == str(workspace) else {}
     for name in names:
         method, params = VARIANTS[name]
         params = {**params, **(overrides if method == "filtered-ka" else {})}
-        tag = name + "".join(f"-{k}={v}" for k, v in overrides.items())
-        print(f"== {tag}: {method} {params}", flush=True)
-        results[tag] = {**run(recipe_for(workspace, tag.replace("=", "_"), method, params)), "overlay": params}
-        (results_path).write_text(json.dumps({"workspace": str(workspace), "variants": results}, indent=2) + "\n")
+        tag = name + "".join(f"-{k}={v}" for k, v in {**overrides, **{f"student.{k}": v for k, v in student.items()}}.items())
+        print(f"== {tag}: {method} {params} student {student}", flush=True)
+        recipe = recipe_for(workspace, tag.replace("=", "_"), method, params, student)
+        results[tag] = {**run(recipe), "overlay": params, "student_overlay": student}
+        saved = json.loads(results_path.read_text()) if results_path.exists() else {}  # another run may have added
+        if saved.get("workspace") == str(workspace):
+            results = {**saved["variants"], **results}
+        results_path.write_text(json.dumps({"workspace": str(workspace), "variants": results}, indent=2) + "\n")
         print(table({tag: results[tag]}), flush=True)
     text = table(results)
     (out / f"{stem}.md").write_text(text)

@@ -380,6 +380,34 @@ def test_the_demo_workspace_is_built_with_a_progress_dialog_then_opened(window, 
     assert window.settings.value("demo/folder") == str(folder.resolve())
 
 
+def test_the_demo_with_teachers_trained_apart_is_built_once_then_opened(window, quick_demo, tmp_path, qtbot,
+                                                                        monkeypatch):
+    import shutil
+
+    from kamal_engine import demo
+
+    tiny = (demo.IndependentTeacher("apart_a", "smallnet", (0, 1, 2, 3, 4), 0, 11, 2, {"width": 8}),
+            demo.IndependentTeacher("apart_b", "smallnet", (5, 6, 7, 8, 9), 1, 12, 2, {"width": 8}))
+    build, paths = demo.build_independent, demo.independent_paths
+    monkeypatch.setattr(demo, "build_independent", lambda root, config, log: build(root, config, log=log, teachers=tiny))
+    errors = []
+    monkeypatch.setattr("kamal_app.main_window.show_error", lambda parent, title, exc: errors.append(exc))
+    monkeypatch.setattr(demo, "independent_paths", lambda root, teachers=tiny: paths(root, teachers))
+    monkeypatch.setattr(demo, "DemoConfig", demo.DemoConfig.quick)
+    root, _ = quick_demo
+    folder = tmp_path / "demo"
+    for part in ("data", "demo.json", "recipes", "teachers"):
+        (shutil.copytree if (root / part).is_dir() else shutil.copy)(root / part, folder / part)
+    assert window.open_demo_workspace(folder, independent=True)
+    assert "apart" in window.demo_dialog.labelText() and not window.start_button.isEnabled()
+    qtbot.waitUntil(lambda: window.demo_handle is None, timeout=120000)
+    assert not errors
+    recipe = (folder / "recipes" / "filtered-ka-independent.toml").resolve()
+    assert window.session.recipe_path == recipe
+    assert [t.name for t in window.session.teachers] == ["apart_a", "apart_b"]
+    assert window.open_demo_workspace(folder, independent=True) and window.demo_handle is None  # opened, no build
+
+
 def test_the_qt_binding_keeps_none_alive_through_many_paints(qtbot):
     """PySide6 6.12.0 drops a reference to None on each Python ``paint`` override call: on Python
     < 3.12 the app then aborts mid-run ("deallocating None"). The pinned binding must not."""

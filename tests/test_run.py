@@ -48,7 +48,9 @@ def test_filtered_ka_run_writes_every_output(quick_demo, tmp_path):
     assert plan["parameters"] == report["size"]["student"]["parameters"]  # the plan's size is the student's
     assert plan["parameters"] <= plan["budget_parameters"] or plan["rule"] == "over-budget"
     if plan["rule"] == "eq9":
-        assert report["branch_points"] == plan["eq9"]
+        assert report["branch_points"] == plan["eq9"] and plan["eq9_parameters"] == plan["parameters"]
+    else:  # the cap moved branch points because Eq. 9's own plan was over the budget
+        assert plan["eq9_parameters"] > plan["budget_parameters"]
     assert set(report["ap_by_block"]) == {"b1", "b2", "b3", "b4"}
     assert set(report["validation"]["student"]["ap"]) == set(report["labels"])
     assert report["validation"]["teachers"]["digits_0to4"]["ap"].keys() == {"zero", "one", "two", "three", "four"}

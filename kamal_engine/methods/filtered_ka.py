@@ -18,6 +18,23 @@ Algorithm 1 of ``filtered-ka-ijcai2019.txt``, block by block (Sections 3.2-3.5):
    branch point, the filter ``f^n_{S_i}``, copies of teacher n's blocks after ``S_i`` and its head.
 5. Fine-tune the whole TargetNet against the teachers' soft predictions (Algorithm 1 line 14).
 
+Where the teachers were not fine-tuned from one backbone (README "Teachers trained apart"), four
+departures, each a parameter whose other value is the paper's form:
+
+* ``filter = "auto"``: per teacher and block, the SE gate where the student's channels are aligned
+  with the teacher's (:func:`~kamal_engine.relatedness.channel_alignment`), else a 1x1-conv adapter
+  started at the least-squares map between the two features (``"se"``: the paper).
+* ``max_rounds_per_block``: a block trains again while a round still lowers its converged loss
+  (Algorithm 1 trains to convergence; 1: the paper's fixed epochs).
+* ``max_size``: the branch plan of Eq. 9 is capped so that the TargetNet is no bigger than the
+  teachers it replaces (:func:`~kamal_engine.targetnet.fit_branch_plan`; 0: Eq. 10 as it falls).
+* Every block is diagnosed: linear CKA and channel alignment before, and the share of each teacher's
+  knowledge reproduced after (:mod:`kamal_engine.relatedness`), in the report, the events and a
+  warning when a teacher's share at its branch block is below ``warn_share``.
+
+``augment`` (consistent views for teachers and student) and ``feature_weight`` (Eq. 5's feature
+term beside Eq. 7) are there to try; both are off by default.
+
 Optimisation as in Section 4.1: SGD with the poly policy (power 0.9), base learning rate 0.01,
 weight decay 5e-3 (momentum 0.9 is our choice; the paper does not give it). The paper's batch size
 16 is kept as the default. When a teacher's block k differs from the student's in shape, a 1x1-conv
@@ -129,23 +146,28 @@ def ap_by_block(ctx: RunContext, build: Callable[[dict[str, int]], TargetNet], n
     return table
 
 
+PROBE_BATCH = 64  # images per forward pass of the probe (the features are kept on the CPU)
+
+
 @torch.no_grad()
 def probe_features(ctx: RunContext, paired: PairedBlocks, k: int, idx: torch.Tensor, active: list[int]
                    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The student's block-k feature ``F_u^k`` and every active teacher's own ``F_n^k`` on images ``idx``
-    (each network sees them preprocessed its own way), in eval mode."""
-    x = ctx.images.images[idx].to(ctx.device)
+    (each network sees them preprocessed its own way), in eval mode, as float32 on the CPU."""
+    students, teachers = [], {n: [] for n in active}
     with eval_mode(paired.student):
-        student = ctx.student_preprocessing(x)
-        for block in list(paired.student.blocks)[:k]:
-            student = block(student)
-    teachers = {}
-    for n in active:
-        feature = ctx.selection.teachers[n].preprocessing(x)
-        for block in list(paired.teachers[n].blocks)[:k]:
-            feature = block(feature)
-        teachers[n] = feature
-    return student.float(), {n: f.float() for n, f in teachers.items()}
+        for start in range(0, len(idx), PROBE_BATCH):
+            x = ctx.images.images[idx[start:start + PROBE_BATCH]].to(ctx.device)
+            feature = ctx.student_preprocessing(x)
+            for block in list(paired.student.blocks)[:k]:
+                feature = block(feature)
+            students.append(feature.float().cpu())
+            for n in active:
+                feature = ctx.selection.teachers[n].preprocessing(x)
+                for block in list(paired.teachers[n].blocks)[:k]:
+                    feature = block(feature)
+                teachers[n].append(feature.float().cpu())
+    return torch.cat(students), {n: torch.cat(f) for n, f in teachers.items()}
 
 
 def choose_filter(p: dict, student_shape, teacher_shape, aligned: float) -> dict:
@@ -344,7 +366,9 @@ def run(ctx: RunContext) -> MethodResult:
         after_u, after_t = probe_features(ctx, paired, k, probe, active)
         set_mode([], [block, *fk.values()])
         with torch.no_grad():
-            reached = {n: feature_cka(fk[n](after_u.to(device)).float(), after_t[n]) for n in active}
+            reached = {n: feature_cka(torch.cat([fk[n](chunk.to(device)).float().cpu()
+                                                 for chunk in after_u.split(PROBE_BATCH)]), after_t[n])
+                       for n in active}
         shares = [knowledge_share(float(best[i]), float(floors[i]), float(priors[i])) for i in range(n_tasks)]
         diagnosis["blocks"].append({
             "block": name, "rounds": rounds,
@@ -389,7 +413,8 @@ def run(ctx: RunContext) -> MethodResult:
         "converged_loss": {task: dict(zip(names, losses)) for task, losses in converged.items()},
         "branch_points": {task: names[k - 1] for task, k in plan.items()},
         "branch_plan": {"rule": how, "eq9": {task: names[k - 1] for task, k in eq9.items()},
-                        "budget_parameters": budget, "parameters": sizes.size(plan, teacher_of)},
+                        "eq9_parameters": sizes.size(eq9, teacher_of), "budget_parameters": budget,
+                        "parameters": sizes.size(plan, teacher_of)},
         "diagnosis": {**diagnosis, "floor": {t.name: round(float(f), 5) for t, f in zip(selection.tasks, floors)},
                       "warnings": warnings},
     }
