@@ -358,7 +358,7 @@ class MainWindow(QMainWindow):
             return self.open_recipe(recipe)
         if self.demo_handle is not None:
             return False
-        minutes = ("about six minutes" if built else "about seven minutes") if independent else "about a minute"
+        minutes = ("about five minutes" if built else "about six minutes") if independent else "about a minute"
         what = "Training three ResNet teachers apart" if independent and built else "Building the demo workspace"
         dialog = QProgressDialog(f"{what} ({minutes} on two CPU cores) …", "Cancel", 0, 0, self)
         dialog.setWindowTitle("KAmal Studio demo")

@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--independent", action="store_true",
                    help="also train three torchvision teachers apart (two ResNet-18s and a ResNet-34, from scratch, "
                         "each on its own images, labels and seed; saved as bare state_dicts + labels files) and write "
-                        "recipes/filtered-ka-independent.toml (about six minutes more on two CPU cores)")
+                        "recipes/filtered-ka-independent.toml (about five minutes more on two CPU cores)")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu, repeatable)")
     p.add_argument("--json", action="store_true", help="print the workspace manifest as JSON")
     p.set_defaults(func=cmd_demo)
