@@ -15,7 +15,7 @@ from typing import Any
 from PySide6.QtCore import QObject, Signal
 
 from kamal_engine.methods import MODULES, get_method
-from kamal_engine.recipe import Recipe, TeacherEntry
+from kamal_engine.recipe import Recipe, TeacherEntry, follow_output_dir
 from kamal_engine.teacher import Teacher
 
 
@@ -122,6 +122,12 @@ class StudioSession(QObject):
         if self.output_dir is None:
             reasons.append("choose an output folder (Data & method page)")
         return reasons
+
+    def set_output_dir(self, folder: Path | None) -> None:
+        """Choose the run's output folder; the ONNX export path follows it when it was inside the previous
+        one (:func:`~kamal_engine.recipe.follow_output_dir`)."""
+        self.onnx = follow_output_dir(self.onnx, self.output_dir, folder)
+        self.output_dir = folder
 
     def shares_labels(self) -> bool:
         """Whether the chosen method learns a label ticked in several teachers from all of them."""

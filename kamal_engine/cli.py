@@ -373,12 +373,14 @@ class ProgressPrinter:
 
 def cmd_run(args) -> int:
     from .events import CancelToken, RunCancelled
-    from .recipe import load_recipe
+    from .recipe import follow_output_dir, load_recipe
     from .runner import run_recipe
 
     recipe = load_recipe(args.recipe)
-    if args.output:
-        recipe.output_dir = Path(args.output).resolve()
+    if args.output:  # the ONNX file of [export] inside the recipe's output folder moves with it
+        output = Path(args.output).resolve()
+        recipe.onnx = follow_output_dir(recipe.onnx, recipe.output_dir, output)
+        recipe.output_dir = output
     cancel = CancelToken()
     printer = None if args.json else ProgressPrinter()
 

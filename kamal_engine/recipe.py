@@ -154,6 +154,19 @@ class Recipe:
 
 # --- parsing --------------------------------------------------------------------------------------
 
+def follow_output_dir(path: Path | None, old: Path | None, new: Path | None) -> Path | None:
+    """``path`` moved from inside the output folder ``old`` to the same place inside ``new`` (the ONNX file of
+    ``[export]`` follows a changed output folder, so that a run never writes into another run's folder); a
+    path outside ``old`` is the user's own choice and stays."""
+    if path is None or old is None or new is None:
+        return path
+    try:
+        inside = Path(path).resolve().relative_to(Path(old).resolve())
+    except ValueError:
+        return path
+    return Path(new) / inside
+
+
 def _check(value: Any, kind: Callable[[Any], bool], describe: str, recipe: Recipe, section: str, key: str,
            index: int = 0) -> Any:
     if not kind(value):

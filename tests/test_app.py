@@ -408,6 +408,21 @@ def test_the_demo_with_teachers_trained_apart_is_built_once_then_opened(window, 
     assert window.open_demo_workspace(folder, independent=True) and window.demo_handle is None  # opened, no build
 
 
+def test_the_onnx_export_moves_with_the_output_folder_and_a_users_own_path_stays(window, quick_demo, tmp_path):
+    """A run into another folder must not write its ONNX file into the demo run's folder, over its file."""
+    root, _ = quick_demo
+    assert window.open_recipe(root / "recipes" / "filtered-ka.toml")
+    demo_run = (root / "runs" / "filtered-ka").resolve()
+    assert window.session.onnx.resolve() == demo_run / "student.onnx"
+    window.data_page.output.set_path(tmp_path / "gui-one", emit=True)
+    assert window.session.onnx == (tmp_path / "gui-one").resolve() / "student.onnx"
+    assert window.session.to_recipe().onnx == window.session.onnx
+    mine = tmp_path / "exports" / "mine.onnx"
+    window.session.onnx = mine
+    window.data_page.output.set_path(tmp_path / "gui-two", emit=True)
+    assert window.session.onnx == mine and window.session.output_dir == (tmp_path / "gui-two").resolve()
+
+
 def test_the_qt_binding_keeps_none_alive_through_many_paints(qtbot):
     """PySide6 6.12.0 drops a reference to None on each Python ``paint`` override call: on Python
     < 3.12 the app then aborts mid-run ("deallocating None"). The pinned binding must not."""

@@ -95,3 +95,13 @@ def test_data_mode_needs_a_folder(ckpt, tmp_path):
     text = text.replace('mode = "data"', f'mode = "data"\nunlabeled = "{tmp_path / "nowhere"}"')
     with pytest.raises(RecipeError, match=r"line 9: \[data\]\.unlabeled: .*nowhere not found"):
         parse_recipe(text, tmp_path / "r.toml")
+
+
+def test_the_onnx_path_follows_a_changed_output_folder_unless_the_user_put_it_elsewhere(tmp_path):
+    from kamal_engine.recipe import follow_output_dir
+
+    old, new = tmp_path / "runs" / "filtered-ka", tmp_path / "runs" / "mine"
+    assert follow_output_dir(old / "student.onnx", old, new) == new / "student.onnx"
+    assert follow_output_dir(old / "onnx" / "s.onnx", old, new) == new / "onnx" / "s.onnx"
+    assert follow_output_dir(tmp_path / "exports" / "s.onnx", old, new) == tmp_path / "exports" / "s.onnx"
+    assert follow_output_dir(None, old, new) is None and follow_output_dir(old / "s.onnx", None, new) == old / "s.onnx"

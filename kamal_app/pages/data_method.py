@@ -366,5 +366,5 @@ class DataMethodPage(QWidget):
         s.device = self.device.currentData()
         s.seed = self.seed.value()
         out = self.output.path()
-        s.output_dir = out.resolve() if out else None
+        s.set_output_dir(out.resolve() if out else None)
         self._push()
