@@ -44,6 +44,7 @@ from . import __version__
 from .backbones import build_model
 from .data import read_labelled_csv
 from .evaluation import Evaluation, evaluate_teacher
+from .events import plural
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .teacher import Teacher, load_teacher
 
@@ -321,7 +322,7 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
     pre_digits, pre_labels = load_pretraining_digits()
     pre_images, pre_classes = compose_single_digits(pre_digits, pre_labels, config.pretrain_images, rng)
     log(f"Pre-training the shared backbone on sklearn's digits ({len(pre_images)} single-digit images, "
-        f"{config.pretrain_epochs} epochs, {device}) …")
+        f"{plural(config.pretrain_epochs, 'epoch')}, {device}) …")
     backbone_model = train_teacher(pre_images, pre_classes, preprocessings[0], config, device, log, "backbone",
                                    epochs=config.pretrain_epochs)
     Teacher("backbone_digits", "smallnet", list(DIGIT_NAMES), "multiclass", preprocessings[0], backbone_model,
@@ -329,7 +330,7 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
     backbone = backbone_model.state_dict()
     for (name, digit_set), preprocessing, path in zip(config.teachers, preprocessings, (native, foreign)):
         log(f"Fine-tuning teacher {name} on labels {', '.join(DIGIT_NAMES[d] for d in digit_set)} "
-            f"({len(train_images)} images, {config.teacher_epochs} epochs, {device}) …")
+            f"({len(train_images)} images, {plural(config.teacher_epochs, 'epoch')}, {device}) …")
         model = train_teacher(train_images, train_targets[:, digit_set], preprocessing, config, device, log, name,
                               start_from=backbone, learning_rate=config.finetune_learning_rate)
         teacher = Teacher(name, "smallnet", [DIGIT_NAMES[d] for d in digit_set], "multilabel", preprocessing,
@@ -550,7 +551,7 @@ def build_independent(root: str | Path, config: DemoConfig | None = None, device
     for spec, path in zip(teachers, paths):
         rows = parts[spec.part]
         log(f"Training teacher {spec.name} ({spec.arch}, from scratch) on labels "
-            f"{', '.join(DIGIT_NAMES[d] for d in spec.digits)} ({len(rows)} images, {spec.epochs} epochs, "
+            f"{', '.join(DIGIT_NAMES[d] for d in spec.digits)} ({len(rows)} images, {plural(spec.epochs, 'epoch')}, "
             f"seed {spec.seed}, {device}) …")
         model = train_teacher(images[rows], targets[rows][:, list(spec.digits)], preprocessing, config, device, log,
                               spec.name, epochs=spec.epochs, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs),

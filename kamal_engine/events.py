@@ -52,14 +52,20 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 epoch``, ``3 epochs``: a count with its noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def describe_stage(event: StageStarted) -> str:
     """A one-line, human description of a stage (the CLI and the app print the same)."""
+    epochs = plural(event.epochs, "epoch")
     if event.block and event.stage == "component":
-        return f"Component net {event.block}/{event.blocks} ({event.block_name}): {event.epochs} epochs"
+        return f"Component net {event.block}/{event.blocks} ({event.block_name}): {epochs}"
     if event.block:
-        return f"Block {event.block}/{event.blocks} ({event.block_name}): {event.epochs} epochs"
+        return f"Block {event.block}/{event.blocks} ({event.block_name}): {epochs}"
     title = STAGE_TITLES.get(event.stage, event.stage)
-    return f"{title}: {event.epochs} epochs" if event.epochs and not title.endswith("…") else title
+    return f"{title}: {epochs}" if event.epochs and not title.endswith("…") else title
 
 
 @dataclass

@@ -69,3 +69,11 @@ def test_eval_rejects_mismatched_data(quick_demo, tmp_path, capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "kamal_engine.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("kamal ")
+
+
+def test_stage_descriptions_say_1_epoch_and_3_epochs():
+    from kamal_engine.events import StageStarted, describe_stage
+
+    assert describe_stage(StageStarted("amalgamate", 2, "b2", 4, 1, 10)) == "Block 2/4 (b2): 1 epoch"
+    assert describe_stage(StageStarted("amalgamate", 2, "b2", 4, 3, 10)) == "Block 2/4 (b2): 3 epochs"
+    assert describe_stage(StageStarted("component", 1, "zero", 10, 1, 10)).endswith(": 1 epoch")

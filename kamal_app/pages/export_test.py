@@ -42,7 +42,7 @@ class ExportTestPage(QWidget):
         self.setAcceptDrops(True)
         outer = QVBoxLayout(self)
         outer.addWidget(page_header("Export &amp; test"))
-        self.source = QLabel("No student yet: finish a run, or File → Open run results….")
+        self.source = QLabel("No student yet: finish a run, or open one (File → Open run results…).")
         outer.addWidget(self.source)
 
         box = QGroupBox("Export to ONNX")

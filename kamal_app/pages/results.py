@@ -110,7 +110,7 @@ class ResultsPage(QWidget):
         self.output_dir: Path | None = None
         outer = QVBoxLayout(self)
         outer.addWidget(page_header("Results"))
-        self.summary = QLabel("No results yet: finish a run on the Train page, or File → Open run results….")
+        self.summary = QLabel("No results yet: finish a run on the Train page, or open one (File → Open run results…).")
         self.summary.setWordWrap(True)
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         outer.addWidget(self.summary)
