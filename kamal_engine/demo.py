@@ -377,22 +377,17 @@ HETEROGENEOUS_TEACHERS = (
 )
 HETEROGENEOUS_LABELS = (0, 3, 5, 8)  # what recipes/adaptive-ka.toml selects: each from two teachers
 
-ADAPTIVE_RECIPE_HEAD = """\
-# KAmal Studio recipe written by `kamal demo --heterogeneous` (data mode). Paths are relative to this file.
-# Four source teachers of three architectures with overlapping labels; each selected label is covered by
-# two of them, and adaptive-ka learns it from both (component nets), then builds the target net.
-# Run it with:  kamal run recipes/adaptive-ka.toml
+BUILT_RECIPE_TEMPLATE = """\
+{comment}# Run it with:  kamal run recipes/{run}.toml
 [run]
-name = "demo-adaptive-ka"
-output_dir = "../runs/adaptive-ka"
+name = "demo-{run}"
+output_dir = "../runs/{run}"
 device = "auto"
 seed = 0
 precision = "auto"
-"""
-
-ADAPTIVE_RECIPE_TAIL = """
+{teachers}
 [student]
-arch = "smallnet"
+arch = "{arch}"
 init = "teacher"
 teacher = 1
 
@@ -403,12 +398,26 @@ validation = "../data/validation/labels.csv"
 image_size = {size}
 
 [method]
-id = "adaptive-ka"
+id = "{method}"
 
 [export]
-onnx = "../runs/adaptive-ka/student.onnx"
+onnx = "../runs/{run}/student.onnx"
 opset = 18
 """
+
+
+def demo_recipe(comment: str, run: str, method: str, arch: str, teachers: str) -> str:
+    """The text of a demo recipe ``recipes/<run>.toml`` (``comment``: its opening lines, each ending in a
+    newline; ``teachers``: its ``[[teachers]]`` tables)."""
+    return BUILT_RECIPE_TEMPLATE.format(comment=comment, run=run, method=method, arch=arch, teachers=teachers, size=SIZE)
+
+
+HETEROGENEOUS_COMMENT = (
+    "# KAmal Studio recipe written by `kamal demo --heterogeneous` (data mode). Paths are relative to this file.\n"
+    "# Four source teachers of three architectures with overlapping labels; each selected label is covered by\n"
+    "# two of them, and adaptive-ka learns it from both (component nets), then builds the target net.\n")
+
+
 
 
 def heterogeneous_paths(root: Path, sources: Sequence[SourceTeacher] = HETEROGENEOUS_TEACHERS) -> list[Path]:
@@ -447,12 +456,12 @@ def build_heterogeneous(root: str | Path, config: DemoConfig | None = None, devi
         Teacher(source.name, source.arch, [DIGIT_NAMES[d] for d in source.digits], "multilabel", preprocessing,
                 model, arch_kwargs=dict(source.arch_kwargs)).save(path)
     recipe = root / "recipes" / "adaptive-ka.toml"
-    text = ADAPTIVE_RECIPE_HEAD
+    text = ""
     for source in sources:
         chosen = [f'"{DIGIT_NAMES[d]}"' for d in source.digits if d in labels]
         text += (f'\n[[teachers]]\ncheckpoint = "../teachers/heterogeneous/{source.name}.kamal.pt"\n'
                  f"select = [{', '.join(chosen)}]\n")
-    recipe.write_text(text + ADAPTIVE_RECIPE_TAIL.format(size=SIZE))
+    recipe.write_text(demo_recipe(HETEROGENEOUS_COMMENT, "adaptive-ka", "adaptive-ka", "smallnet", text))
     log("Evaluating the source teachers on the validation split …")
     validation = read_labelled_csv(root / "data" / "validation" / "labels.csv")
     teachers = [load_teacher(path) for path in paths]
@@ -484,39 +493,13 @@ INDEPENDENT_TEACHERS = (
     IndependentTeacher("ind3_resnet34", "resnet34", (7, 8, 9), 2, 3, 8),
 )
 
-INDEPENDENT_RECIPE_HEAD = """\
-# KAmal Studio recipe written by `kamal demo --independent` (data mode). Paths are relative to this file.
-# Three teachers trained apart (from scratch, each on its own images, labels and seed; two ResNet-18s and
-# a ResNet-34), saved as bare state_dicts with a labels file, the way teachers from elsewhere arrive.
-# Their block features are not related the way the shared-backbone teachers' are.
-# Run it with:  kamal run recipes/filtered-ka-independent.toml
-[run]
-name = "demo-filtered-ka-independent"
-output_dir = "../runs/filtered-ka-independent"
-device = "auto"
-seed = 0
-precision = "auto"
-"""
+INDEPENDENT_COMMENT = (
+    "# KAmal Studio recipe written by `kamal demo --independent` (data mode). Paths are relative to this file.\n"
+    "# Three teachers trained apart (from scratch, each on its own images, labels and seed; two ResNet-18s and\n"
+    "# a ResNet-34), saved as bare state_dicts with a labels file, the way teachers from elsewhere arrive.\n"
+    "# Their block features are not related the way the shared-backbone teachers' are.\n")
 
-INDEPENDENT_RECIPE_TAIL = """
-[student]
-arch = "{arch}"
-init = "teacher"
-teacher = 1
 
-[data]
-mode = "data"
-unlabeled = "../data/unlabeled"
-validation = "../data/validation/labels.csv"
-image_size = {size}
-
-[method]
-id = "filtered-ka"
-
-[export]
-onnx = "../runs/filtered-ka-independent/student.onnx"
-opset = 18
-"""
 
 
 def independent_paths(root: Path, teachers: Sequence[IndependentTeacher] = INDEPENDENT_TEACHERS) -> list[Path]:
@@ -559,12 +542,12 @@ def build_independent(root: str | Path, config: DemoConfig | None = None, device
         torch.save(model.state_dict(), path)
         path.with_suffix(".labels.txt").write_text("\n".join(DIGIT_NAMES[d] for d in spec.digits) + "\n")
     recipe = root / "recipes" / "filtered-ka-independent.toml"
-    text = INDEPENDENT_RECIPE_HEAD
+    text = ""
     for path in paths:
         text += (f'\n[[teachers]]\ncheckpoint = "../teachers/independent/{path.name}"\n'
                  f'labels_file = "../teachers/independent/{path.with_suffix(".labels.txt").name}"\n'
                  f'task = "multilabel"\ninput_size = {SIZE}\n')
-    recipe.write_text(text + INDEPENDENT_RECIPE_TAIL.format(size=SIZE, arch=teachers[0].arch))
+    recipe.write_text(demo_recipe(INDEPENDENT_COMMENT, "filtered-ka-independent", "filtered-ka", teachers[0].arch, text))
     log("Evaluating the independent teachers on the validation split …")
     validation = read_labelled_csv(root / "data" / "validation" / "labels.csv")
     results = [(t, evaluate_teacher(t, validation, device=device)) for t in load_independent_teachers(root, teachers)]
