@@ -17,10 +17,21 @@ from kamal_engine.teacher import find_sidecar_labels, load_teacher
 from .widgets import PathEdit
 
 
+class ErrorLog:
+    """Where :func:`show_error` also writes each error (the main window's log dock), so it stays readable."""
+
+    sink = None  # a callable taking one line of text
+
+
 def show_error(parent: QWidget | None, title: str, error: BaseException | str) -> None:
-    """A modal error: the sentence the engine wrote (it names the file), never a traceback."""
+    """A modal error: the sentence the engine wrote (it names the file), never a traceback; also logged."""
     text = " ".join(str(error).split()) if isinstance(error, KamalError) or isinstance(error, str) else (
         f"{type(error).__name__}: {error}")
+    if ErrorLog.sink is not None:
+        try:
+            ErrorLog.sink(f"Error: {title}: {text}")
+        except RuntimeError:  # the window that logged is gone
+            ErrorLog.sink = None
     box = QMessageBox(QMessageBox.Icon.Critical, title, text, QMessageBox.StandardButton.Ok, parent)
     box.setObjectName("errorDialog")
     box.exec()
@@ -29,7 +40,9 @@ def show_error(parent: QWidget | None, title: str, error: BaseException | str) -
 class ImportTeacherDialog(QDialog):
     """A foreign checkpoint (bare weights): architecture (detected), labels, task type, input size."""
 
-    def __init__(self, raw: RawCheckpoint, trust: bool = False, parent: QWidget | None = None):
+    def __init__(self, raw: RawCheckpoint, trust: bool = False, parent: QWidget | None = None,
+                 task_hint: str | None = None):
+        """``task_hint``: the task type of the teachers already loaded (when they agree), the default here."""
         super().__init__(parent)
         self.raw, self.trust = raw, trust
         self.entry: TeacherEntry | None = None
@@ -80,6 +93,16 @@ class ImportTeacherDialog(QDialog):
         self.task.addItem("multi-class (one softmax)", "multiclass")
         self.task.addItem("multi-label (a sigmoid per label)", "multilabel")
         form.addRow("Task type", self.task)
+        if task_hint in ("multiclass", "multilabel"):
+            self.task.setCurrentIndex(self.task.findData(task_hint))
+            kind = "multi-label" if task_hint == "multilabel" else "multi-class"
+            hint = f"The weights do not say; {kind} like the teachers already loaded. Check how this one was trained."
+        else:
+            hint = ("The weights do not say: multi-class if it was trained with one softmax over the labels, "
+                    "multi-label if with a sigmoid (binary loss) per label.")
+        self.task_note = QLabel(hint)
+        self.task_note.setWordWrap(True)
+        form.addRow("", self.task_note)
         self.input_size = QSpinBox()
         self.input_size.setRange(8, 4096)
         form.addRow("Input size (pixels)", self.input_size)
@@ -135,7 +158,7 @@ class ImportTeacherDialog(QDialog):
 
 
 def ask_trust(parent: QWidget | None, path: Path, reason: str) -> bool:
-    """The user's explicit consent to unpickle ``path`` (DESIGN: never silently)."""
+    """The user's explicit consent to unpickle ``path`` (never silently)."""
     answer = QMessageBox.warning(
         parent, "Untrusted checkpoint",
         f"{path.name} holds pickled Python objects, which can run code when loaded.\n\n{reason}\n\n"

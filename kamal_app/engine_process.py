@@ -50,7 +50,7 @@ class RunOutcome:
     student: Any  # kamal_engine.targetnet.Student, loaded from output_dir / "student.kamal.pt"
 
 
-def _child_main(recipe, resume: bool, out, cancel_in) -> None:
+def _child_main(recipe, resume: bool, replace: bool, out, cancel_in) -> None:
     """Runs in the child: ``run_recipe`` with every event sent through ``out``, then the outcome."""
     _lower_priority()
     from kamal_engine.events import CancelToken
@@ -73,7 +73,7 @@ def _child_main(recipe, resume: bool, out, cancel_in) -> None:
 
     threading.Thread(target=watch, daemon=True, name="cancel-watch").start()
     try:
-        result = run_recipe(recipe, resume=resume, restart=not resume, emit=lambda e: send(("event", e)),
+        result = run_recipe(recipe, resume=resume, restart=replace, replace=replace, emit=lambda e: send(("event", e)),
                             cancel=token)
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the app
         send(("errored", _picklable(exc)))
@@ -111,16 +111,17 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 def run_in_child_process(recipe, resume: bool, emit: Callable[[Any], None], abort: threading.Event,
-                         poll_seconds: float = POLL_SECONDS) -> RunOutcome:
+                         poll_seconds: float = POLL_SECONDS, replace: bool = False) -> RunOutcome:
     """Run ``recipe`` in a child process; call ``emit`` for each of its events (in this thread).
 
-    Returns when the child has exited. Raises what the run raised (``RunCancelled`` after a
+    ``replace``: the user agreed to move an earlier run in the output folder aside
+    (:mod:`kamal_engine.runfolder`). Returns when the child has exited. Raises what the run raised (``RunCancelled`` after a
     cancel, ``KamalError`` for bad input, …) or :class:`EngineProcessDied`.
     """
     context = multiprocessing.get_context("spawn")
     reader, writer = context.Pipe(duplex=False)  # events and the outcome, child → app
     cancel_in, cancel_out = context.Pipe(duplex=False)  # cancel, app → child (a pipe: a dead end is seen)
-    child = context.Process(target=_child_main, name="kamal-engine", args=(recipe, resume, writer, cancel_in))
+    child = context.Process(target=_child_main, name="kamal-engine", args=(recipe, resume, replace, writer, cancel_in))
     child.start()
     writer.close()  # each side holds only its own ends: a process's exit is end of file for the other
     cancel_in.close()

@@ -1,4 +1,8 @@
-"""``kamal-studio [RECIPE] [--demo-dir DIR | --no-demo]``: the desktop app."""
+"""``kamal-studio [RECIPE] [--demo-dir DIR | --no-demo]``: the desktop app.
+
+With no argument the app brings back the last session (its unsaved edits, else the recipe it had
+open); on the very first start it opens the demo workspace.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("recipe", nargs="?", help="recipe to open (.toml)")
     parser.add_argument("--demo-dir", metavar="DIR", help="open the demo workspace in DIR (built first if missing, "
                         "with a progress dialog)")
-    parser.add_argument("--no-demo", action="store_true", help="start empty even on the first start")
+    parser.add_argument("--no-demo", action="store_true", help="start empty: no demo on the first start, no last session")
     return parser
 
 
@@ -42,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         QTimer.singleShot(0, lambda: window.open_recipe(Path(args.recipe)))
     elif args.demo_dir or (first_start and not args.no_demo):
         QTimer.singleShot(0, lambda: window.open_demo_workspace(Path(args.demo_dir) if args.demo_dir else None))
+    elif not args.no_demo:  # the last session: its unsaved edits, else the recipe it had open
+        QTimer.singleShot(0, window.restore_session)
     return app.exec()
 
 

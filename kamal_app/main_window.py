@@ -11,10 +11,11 @@ from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QL
 
 from kamal_engine.checkpoints import atomic_write, read_checkpoint
 from kamal_engine.errors import KamalError, UnsafeCheckpointError
+from kamal_engine.events import format_duration, plural
 from kamal_engine.recipe import TeacherEntry, load_recipe, parse_recipe
 from kamal_engine.teacher import load_teacher
 
-from .dialogs import ImportTeacherDialog, ask_trust, show_error
+from .dialogs import ErrorLog, ImportTeacherDialog, ask_trust, show_error
 from .pages.data_method import DataMethodPage
 from .pages.export_test import ExportTestPage
 from .pages.labels import LabelsPage
@@ -22,10 +23,14 @@ from .pages.results import ResultsPage
 from .pages.teachers import TeachersPage
 from .pages.train import TrainPage
 from .session import StudioSession, recipe_text
+from .widgets import DialogFolders, remember_folder, start_folder, start_path
 from .workers import WorkerHandle
 
 CHECKPOINT_SUFFIXES = {".pt", ".pth", ".safetensors", ".bin", ".ckpt"}
 MAX_RECENT = 8
+AUTOSAVE_DELAY_MS = 1000
+DEMO_PROGRESS_STEPS = 1000
+DEMO_PROGRESS_SECONDS = 0.25  # the build reports its progress at least this often (while training)
 PAGES = ("Teachers", "Labels", "Data & method", "Train", "Results", "Export & test")
 
 
@@ -82,6 +87,7 @@ class MainWindow(QMainWindow):
         self.log_dock.setObjectName("logDock")
         self.log_dock.setWidget(self.train_page.log)
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.log_dock)
+        ErrorLog.sink = self.train_page.append  # every error shown is also in the log
 
         self._build_menus()
         self.session.changed.connect(self._session_changed)
@@ -94,8 +100,15 @@ class MainWindow(QMainWindow):
             self.restoreState(self.settings.value("window/state") or b"")
         else:
             self.resize(self.fontMetrics().averageCharWidth() * 150, self.fontMetrics().height() * 42)
+        last = self.settings.value("dialogs/last_folder")
+        DialogFolders.last = Path(last) if last else None
+        self.autosave_timer = QTimer(self)  # unsaved work is on disk a second after each edit (crash, kill -9)
+        self.autosave_timer.setSingleShot(True)
+        self.autosave_timer.setInterval(AUTOSAVE_DELAY_MS)
+        self.autosave_timer.timeout.connect(self.autosave)
         self._session_changed()
         self.setWindowModified(False)
+        self.autosave_timer.stop()
 
     # --- menus ---
     def _build_menus(self) -> None:
@@ -160,6 +173,9 @@ class MainWindow(QMainWindow):
     # --- state ---
     def _session_changed(self) -> None:
         self.setWindowModified(True)
+        self.autosave_timer.start()
+        if self.session.recipe_path is not None:
+            DialogFolders.workspace = self.session.recipe_path.parent
         self._update_start()
         self._update_device()
         name = self.session.recipe_path.name if self.session.recipe_path else "untitled recipe"
@@ -174,8 +190,8 @@ class MainWindow(QMainWindow):
         elif reasons:
             text = "Start needs: " + "; ".join(reasons) + "."
         else:
-            text = (f"Ready: {self.session.distinct_count()} labels from {len(self.session.teachers)} teacher(s), "
-                    f"method {self.session.method}.")
+            text = (f"Ready: {plural(self.session.distinct_count(), 'label')} from "
+                    f"{plural(self.session.teachers_used(), 'teacher')}, method {self.session.method}.")
         if text != self.start_reason.text():  # a new text re-lays out the window: only when it changed
             self.start_reason.setText(text)
 
@@ -193,8 +209,9 @@ class MainWindow(QMainWindow):
 
     # --- teachers ---
     def add_teachers_dialog(self) -> None:
-        paths, _ = QFileDialog.getOpenFileNames(self, "Add teacher checkpoints", str(Path.home()),
+        paths, _ = QFileDialog.getOpenFileNames(self, "Add teacher checkpoints", str(start_folder()),
                                                 "Checkpoints (*.pt *.pth *.safetensors *.bin *.ckpt);;All files (*)")
+        remember_folder(paths[0] if paths else None)
         self.add_teacher_files([Path(p) for p in paths])
 
     def add_teacher_files(self, paths: list[Path]) -> int:
@@ -231,7 +248,8 @@ class MainWindow(QMainWindow):
             entry = TeacherEntry(path, trust=trust)
             teacher = load_teacher(path, raw=raw, trust=trust)
         else:
-            dialog = ImportTeacherDialog(raw, trust, self)
+            tasks = {t.teacher.task for t in self.session.teachers}
+            dialog = ImportTeacherDialog(raw, trust, self, task_hint=tasks.pop() if len(tasks) == 1 else None)
             if dialog.exec() != ImportTeacherDialog.DialogCode.Accepted:
                 return 0
             entry, teacher = dialog.entry, dialog.teacher
@@ -277,6 +295,7 @@ class MainWindow(QMainWindow):
         self.session.reset()
         self.session.notify()
         self.setWindowModified(False)
+        self._forget_autosave()
         self.nav.setCurrentRow(0)
 
     def _may_discard(self) -> bool:
@@ -290,11 +309,12 @@ class MainWindow(QMainWindow):
     def open_recipe_dialog(self) -> None:
         if not self._may_discard():
             return
-        path, _ = QFileDialog.getOpenFileName(self, "Open recipe", str(Path.home()), "Recipes (*.toml);;All files (*)")
+        path, _ = QFileDialog.getOpenFileName(self, "Open recipe", str(start_folder()), "Recipes (*.toml);;All files (*)")
+        remember_folder(path)
         if path:
             self.open_recipe(Path(path))
 
-    def open_recipe(self, path: Path) -> bool:
+    def open_recipe(self, path: Path, remember: bool = True) -> bool:
         """Load a recipe and its teachers; on any error the current state stays as it was."""
         path = Path(path).resolve()
         try:
@@ -309,7 +329,10 @@ class MainWindow(QMainWindow):
             show_error(self, "Cannot open this recipe", f"{path}: could not be read ({type(exc).__name__}: {exc})")
             return False
         self.session.load_recipe(recipe, teachers)
+        if not remember:  # the autosave: not a recipe of the user's
+            return True
         self.setWindowModified(False)
+        self._forget_autosave()
         self._remember(path)
         self.statusBar().showMessage(f"Opened {path}", 5000)
         return True
@@ -320,8 +343,9 @@ class MainWindow(QMainWindow):
         return self.write_recipe(self.session.recipe_path)
 
     def save_recipe_as(self) -> bool:
-        start = str(self.session.recipe_path or Path.home() / f"{self.session.name}.toml")
+        start = start_path(self.session.recipe_path or start_folder() / f"{self.session.name}.toml")
         path, _ = QFileDialog.getSaveFileName(self, "Save recipe", start, "Recipes (*.toml)")
+        remember_folder(path)
         if not path:
             return False
         path = Path(path)
@@ -341,6 +365,7 @@ class MainWindow(QMainWindow):
         self.session.recipe_path = path
         self._session_changed()
         self.setWindowModified(False)
+        self._forget_autosave()
         self._remember(path)
         self.statusBar().showMessage(f"Saved {path}", 5000)
         return True
@@ -358,22 +383,29 @@ class MainWindow(QMainWindow):
             return self.open_recipe(recipe)
         if self.demo_handle is not None:
             return False
-        minutes = ("about five minutes" if built else "about six minutes") if independent else "about a minute"
+        config = demo.DemoConfig()
+        parts = demo.build_parts(config, demo=not built, independent=independent)
         what = "Training three ResNet teachers apart" if independent and built else "Building the demo workspace"
-        dialog = QProgressDialog(f"{what} ({minutes} on two CPU cores) …", "Cancel", 0, 0, self)
+        estimate = format_duration(sum(parts.values()) / 1000)
+        dialog = QProgressDialog(f"{what} (about {estimate} on an idle 2-core machine) …", "Cancel", 0,
+                                 DEMO_PROGRESS_STEPS, self)
         dialog.setWindowTitle("KAmal Studio demo")
         dialog.setWindowModality(Qt.WindowModality.WindowModal)
         dialog.setMinimumDuration(0)
+        dialog.setAutoReset(False)  # the bar full is not the end: the recipe opens after the build returns
+        dialog.setAutoClose(False)
         self.demo_dialog, self.demo_folder, self.demo_recipe = dialog, folder, recipe
+        self.demo_what, self.demo_message, self.demo_eta = what, "", f"about {estimate} left"
 
         def work(report, abort):  # runs in the worker thread: only the engine, no widgets
             def log(message):
                 if abort.is_set():
                     raise KamalError("the demo build was cancelled; start it again from the File menu")
                 report(message)
-            manifest = None if built else demo.build_demo(folder, demo.DemoConfig(), log=log)
+            meter = demo.BuildMeter(parts, log, every=DEMO_PROGRESS_SECONDS)  # Cancel is seen within a step
+            manifest = None if built else demo.build_demo(folder, config, log=log, meter=meter)
             if independent:
-                manifest = demo.build_independent(folder, demo.DemoConfig(), log=log)
+                manifest = demo.build_independent(folder, config, log=log, meter=meter)
             return manifest
 
         handle = WorkerHandle(work, self)
@@ -390,7 +422,16 @@ class MainWindow(QMainWindow):
         return True
 
     def _demo_progress(self, message) -> None:
-        self.demo_dialog.setLabelText(" ".join(str(message).split())[:120])
+        """A log line or a :class:`~kamal_engine.demo.BuildProgress` of the build: the bar, the ETA, the part."""
+        from kamal_engine.demo import BuildProgress
+
+        if isinstance(message, BuildProgress):
+            self.demo_dialog.setValue(int(DEMO_PROGRESS_STEPS * message.fraction))
+            if message.eta_seconds is not None:
+                self.demo_eta = f"{message.fraction:.0%} · about {format_duration(message.eta_seconds)} left"
+        else:
+            self.demo_message = " ".join(str(message).split())[:120]
+        self.demo_dialog.setLabelText(f"{self.demo_what} …\n{self.demo_message}\n{self.demo_eta}")
 
     def _demo_returned(self, _manifest) -> None:
         self.settings.setValue("demo/folder", str(self.demo_folder))
@@ -408,28 +449,80 @@ class MainWindow(QMainWindow):
 
     # --- run ---
     def start_run(self) -> None:
-        from kamal_engine.runner import has_unfinished_run
+        """Start the session's recipe. A folder holding another run (or files no run wrote) asks first:
+        a run folder is the run's own, and an earlier run is moved aside, never deleted."""
+        from kamal_engine.methods import get_method
+        from kamal_engine.runfolder import inspect_run_folder
 
         if self.session.start_blockers() or self.train_page.is_running():
             return
         recipe = self.session.to_recipe()
-        resume = False
-        if has_unfinished_run(recipe.output_dir):
-            box = QMessageBox(QMessageBox.Icon.Question, "Unfinished run",
-                              f"{recipe.output_dir} holds an unfinished run. Resume it after its last finished block, "
-                              "or start over?", parent=self)
-            resume_button = box.addButton("Resume", QMessageBox.ButtonRole.AcceptRole)
-            box.addButton("Start over", QMessageBox.ButtonRole.DestructiveRole)
-            cancel = box.addButton(QMessageBox.StandardButton.Cancel)
-            box.exec()
-            if box.clickedButton() is cancel:
+        info = inspect_run_folder(recipe.output_dir)
+        resume = replace = False
+        if info.state != "new":
+            choice = self.ask_run_folder(info)
+            if choice == "open":
+                self.open_run(info.path)
                 return
-            resume = box.clickedButton() is resume_button
+            if choice == "choose":
+                self.choose_output_folder()
+                return
+            if choice not in ("resume", "replace"):
+                return
+            resume, replace = choice == "resume", choice == "replace"
         self.nav.setCurrentRow(PAGES.index("Train"))
-        from kamal_engine.methods import get_method
-
-        self.train_page.start(recipe, resume=resume, data_free=get_method(recipe.method).mode == "data-free")
+        self.statusBar().clearMessage()  # not "Run finished" of the previous run
+        self.train_page.start(recipe, resume=resume, data_free=get_method(recipe.method).mode == "data-free",
+                              replace=replace)
         self._update_start()
+
+    def ask_run_folder(self, info) -> str | None:
+        """What to do with a folder that holds a run or foreign files: "resume", "replace", "open", "choose"
+        (another folder), or None (cancel)."""
+        from kamal_engine.runfolder import aside_path
+
+        aside = aside_path(info.path).name
+        if info.state == "unfinished":
+            title, text = "Unfinished run", (f"{info.path} holds an unfinished run."
+                                             + (" Resume it after its last finished block, or start over?"
+                                                if info.resumable else " No block of it has finished yet."))
+        elif info.state == "finished":
+            title, text = "Finished run", f"{info.path} holds a finished run. Open its results, or replace it?"
+        else:
+            shown = ", ".join(info.foreign)
+            title, text = "Folder in use", (f"{info.path} holds files that no run wrote ({shown}). A run never "
+                                            "writes into such a folder: choose another output folder.")
+        box = QMessageBox(QMessageBox.Icon.Question, title, text, parent=self)
+        buttons = {}
+        if info.state == "unfinished" and info.resumable:
+            buttons[box.addButton("Resume", QMessageBox.ButtonRole.AcceptRole)] = "resume"
+        if info.state == "finished":
+            buttons[box.addButton("Open results", QMessageBox.ButtonRole.AcceptRole)] = "open"
+        if info.is_run:
+            replace = box.addButton("Start over" if info.state == "unfinished" else "Replace it",
+                                    QMessageBox.ButtonRole.DestructiveRole)
+            replace.setToolTip(f"The earlier run is moved to {aside} beside it; nothing is deleted.")
+            buttons[replace] = "replace"
+            box.setInformativeText(f"Starting over moves the earlier run to {aside}; nothing is deleted.")
+        buttons[box.addButton("Choose another folder…", QMessageBox.ButtonRole.ActionRole)] = "choose"
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.exec()
+        return buttons.get(box.clickedButton())
+
+    def choose_output_folder(self) -> bool:
+        """Ask for the run's output folder (the Data & method page shows it)."""
+        from kamal_engine.runfolder import free_sibling
+
+        current = self.session.output_dir
+        start = start_folder(free_sibling(current).parent if current is not None else None)
+        folder = QFileDialog.getExistingDirectory(self, "Output folder of the run", str(start))
+        remember_folder(folder)
+        if not folder:
+            return False
+        self.session.set_output_dir(Path(folder).resolve())
+        self.session.notify()
+        self.nav.setCurrentRow(PAGES.index("Data & method"))
+        return True
 
     # --- results ---
     def show_result(self, result) -> None:
@@ -438,7 +531,9 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Run finished: {result.output_dir}", 10000)
 
     def open_run_dialog(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Open a run's output folder", str(Path.home()))
+        folder = QFileDialog.getExistingDirectory(self, "Open a run's output folder",
+                                                  str(start_folder(self.session.output_dir)))
+        remember_folder(folder)
         if folder:
             self.open_run(Path(folder))
 
@@ -455,7 +550,71 @@ class MainWindow(QMainWindow):
         self.nav.setCurrentRow(PAGES.index("Results"))
         return True
 
+    # --- keeping the user's work ---
+    def autosave_path(self) -> Path:
+        """Beside the settings file: the session as a recipe, written a second after each unsaved edit."""
+        return Path(self.settings.fileName()).resolve().parent / "kamal-studio-autosave.toml"
+
+    def autosave(self) -> bool:
+        """Write the unsaved session to :meth:`autosave_path` (atomically); restored on the next start."""
+        self.autosave_timer.stop()
+        if not self.isWindowModified() or not self.session.teachers:
+            return False
+        path = self.autosave_path()
+        try:
+            text = recipe_text(self.session.to_recipe(path), path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: tmp.write_text(text))
+        except (KamalError, OSError) as exc:
+            self.statusBar().showMessage(f"Could not keep the unsaved session in {path}: {exc}", 10000)
+            return False
+        self.settings.setValue("session/autosave_of", str(self.session.recipe_path or ""))
+        self.settings.setValue("session/output_unset", self.session.output_dir is None)
+        return True
+
+    def _forget_autosave(self) -> None:
+        self.autosave_timer.stop()
+        self.autosave_path().unlink(missing_ok=True)  # written by this program only
+        self.settings.remove("session/autosave_of")
+        self.settings.remove("session/output_unset")
+
+    def restore_session(self) -> bool:
+        """Bring back the last session: its unsaved edits (the autosave), else the recipe it had open."""
+        path = self.autosave_path()
+        if path.is_file():
+            original = self.settings.value("session/autosave_of") or ""
+            output_unset = self.settings.value("session/output_unset", False, type=bool)
+            if self.open_recipe(path, remember=False):
+                self.session.recipe_path = Path(original) if original else None
+                if output_unset:
+                    self.session.output_dir = None
+                self.session.notify()  # modified: the edits are still unsaved
+                self.statusBar().showMessage("Restored the unsaved session of the last time the app ran", 10000)
+                return True
+        last = self.settings.value("session/recipe") or ""
+        if last and Path(last).is_file():
+            return self.open_recipe(Path(last))
+        return False
+
+    def ask_save_changes(self) -> str:
+        """"save", "discard" or "cancel": what to do with unsaved changes before quitting."""
+        box = QMessageBox(QMessageBox.Icon.Question, "Save changes?",
+                          f"The recipe '{self.session.name}' has unsaved changes. Save them before quitting?",
+                          QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard
+                          | QMessageBox.StandardButton.Cancel, self)
+        box.setDefaultButton(QMessageBox.StandardButton.Save)
+        answer = box.exec()
+        return {QMessageBox.StandardButton.Save: "save",
+                QMessageBox.StandardButton.Discard: "discard"}.get(QMessageBox.StandardButton(answer), "cancel")
+
     def closeEvent(self, event) -> None:
+        if self.isWindowModified() and self.session.teachers:
+            answer = self.ask_save_changes()
+            if answer == "cancel" or (answer == "save" and not self.save_recipe()):
+                event.ignore()
+                return
+            if answer == "discard":
+                self._forget_autosave()
         if self.train_page.is_running():
             answer = QMessageBox.question(self, "Stop the run?", "A run is in progress. Stop it after the current step "
                                           "(its finished blocks are kept) and quit?",
@@ -468,6 +627,9 @@ class MainWindow(QMainWindow):
         if self.demo_handle is not None:
             self.demo_handle.stop()
         self.export_page.stop_and_wait()
+        self.settings.setValue("session/recipe", str(self.session.recipe_path or ""))
+        if DialogFolders.last is not None:
+            self.settings.setValue("dialogs/last_folder", str(DialogFolders.last))
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.settings.setValue("window/state", self.saveState())
         self.settings.sync()

@@ -79,23 +79,41 @@ class RunMonitor:
     def block_name(self, block: int) -> str:
         return self.block_names.get(block, f"b{block}")
 
+    def learn_block_name(self, block: int, name: str) -> None:
+        """Name block ``block``; series drawn under its stand-in name (``b3``: a resumed run's history,
+        which comes before the names) take the real one."""
+        if self.block_names.get(block) == name:
+            return
+        old = f"{self.block_name(block)} · "
+        self.block_names[block] = name
+        for key in [k for k in self.series if k.startswith(old)]:
+            new = f"{name} · {key[len(old):]}"
+            self.series[new] = self.series.pop(key)
+            self.dirty_series.discard(key)
+            self.dirty_series.add(new)
+            self.dirty.add("losses")
+
     def feed(self, event: Any) -> None:
         if isinstance(event, ev.StepLosses):
             self._step(event)
+        elif isinstance(event, ev.LossHistory):  # a resumed run: the finished part, before the live steps
+            for step in event.steps:
+                self._add_losses(step)
+            if event.steps:
+                self.new_log.append(f"Resumed: the plots show the {len(event.steps):,} steps already done")
         elif isinstance(event, ev.Progress):
             self.stage_text = f"{ev.STAGE_TITLES.get(event.stage, event.stage)} {event.done}/{event.total}"
             self.dirty.add("progress")
         elif isinstance(event, ev.RunStarted):
-            self.new_log.append(f"Run '{event.name}': {event.method} on {event.device}"
-                                + (f", resuming from {event.resumed_from}" if event.resumed_from else ""))
+            self.new_log.append(ev.describe_started(event))
         elif isinstance(event, ev.StageStarted):
             if event.block and event.block_name:
-                self.block_names[event.block] = event.block_name
+                self.learn_block_name(event.block, event.block_name)
             self.stage_text = ev.describe_stage(event)
             self.new_log.append(self.stage_text)
             self.dirty.add("progress")
         elif isinstance(event, ev.BlockConverged):
-            self.block_names[event.block] = event.block_name
+            self.learn_block_name(event.block, event.block_name)
             for task, value in event.losses.items():
                 self.converged.setdefault(task, {})[event.block_name] = value
             self.new_log.append(f"  converged loss at {event.block_name}: "
@@ -128,7 +146,7 @@ class RunMonitor:
                 self.new_log.append(f"ONNX export failed (the student is saved): {event.summary['onnx_error']}")
             self.dirty.add("progress")
         elif isinstance(event, ev.Cancelled):
-            self.new_log.append(f"Cancelled: {event.message}")
+            self.new_log.append("Cancelled: the finished blocks are kept; Start → Resume continues them.")
 
     def _step(self, event: ev.StepLosses) -> None:
         self.fraction = event.step / max(1, event.total_steps)
@@ -139,6 +157,10 @@ class RunMonitor:
         loss = event.losses.get("loss", math.nan)
         self.stage_text = (f"{event.stage.capitalize()} · {where}epoch {event.epoch} · "
                            f"{event.images_per_second:.0f} img/s · loss {loss:.4f}")
+        self._add_losses(event)
+        self.dirty.add("progress")
+
+    def _add_losses(self, event: ev.StepLosses) -> None:
         prefix = self.block_name(event.block) if event.block else event.stage
         for key, value in event.losses.items():
             if key.startswith("teacher:"):
@@ -151,7 +173,6 @@ class RunMonitor:
                 self.generator.setdefault(key[10:], Series()).add(event.step, value)
                 self.dirty_generator.add(key[10:])
                 self.dirty.add("generator")
-        self.dirty.add("progress")
 
     def take_log(self) -> list[str]:
         lines, self.new_log = self.new_log, []

@@ -62,6 +62,10 @@ class StudioSession(QObject):
         self.image_size: int | None = None
         self.method = "filtered-ka"
         self.params: dict[str, Any] = {}
+        # what the user typed for the methods (and chose per mode) they switched away from: kept for
+        # when they switch back
+        self.params_by_method: dict[str, dict[str, Any]] = {}
+        self.method_by_mode: dict[str, str] = {}
         self.onnx: Path | None = None
         self.opset = 18
         self.fp16 = False
@@ -122,6 +126,28 @@ class StudioSession(QObject):
         if self.output_dir is None:
             reasons.append("choose an output folder (Data & method page)")
         return reasons
+
+    def set_method(self, method_id: str) -> None:
+        """Switch method; the hyper-parameters set for the one left are kept for when it comes back."""
+        if method_id == self.method:
+            return
+        self.params_by_method[self.method] = dict(self.params)
+        self.method = method_id
+        self.params = dict(self.params_by_method.get(method_id, {}))
+
+    def set_mode(self, mode: str) -> None:
+        """Switch mode ("data" or "data-free"); the method last chosen in that mode comes back (else its first)."""
+        if mode == self.mode:
+            return
+        self.method_by_mode[self.mode] = self.method
+        self.mode = mode
+        ids = method_ids(mode)
+        if self.method not in ids and ids:
+            self.set_method(self.method_by_mode.get(mode) if self.method_by_mode.get(mode) in ids else ids[0])
+
+    def teachers_used(self) -> int:
+        """Teachers with at least one ticked label."""
+        return sum(1 for t in self.teachers if t.selected)
 
     def set_output_dir(self, folder: Path | None) -> None:
         """Choose the run's output folder; the ONNX export path follows it when it was inside the previous

@@ -9,6 +9,42 @@ from PySide6.QtGui import QPainter
 from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSizePolicy, QWidget
 
 
+class DialogFolders:
+    """Where file dialogs start: the folder last used in one, else the workspace (the open recipe's
+    folder), else the home folder. One per process; the main window saves and restores ``last``."""
+
+    last: Path | None = None
+    workspace: Path | None = None
+
+
+def start_folder(*prefer: Path | None) -> Path:
+    """The first existing folder of ``prefer`` (a file stands for its folder), the last one used, the
+    workspace, home."""
+    for candidate in (*prefer, DialogFolders.last, DialogFolders.workspace):
+        if candidate is None:
+            continue
+        candidate = Path(candidate)
+        folder = candidate if candidate.is_dir() else candidate.parent
+        if folder.is_dir():
+            return folder
+    return Path.home()
+
+
+def start_path(path: Path | None, *prefer: Path | None) -> str:
+    """A dialog's start: ``path`` itself when its folder exists (a save dialog proposes the name), else
+    :func:`start_folder`."""
+    if path is not None and Path(path).parent.is_dir():
+        return str(path)
+    return str(start_folder(*prefer))
+
+
+def remember_folder(chosen: str | Path | None) -> None:
+    """Note the folder of what a dialog returned (the next dialog starts there)."""
+    if chosen:
+        chosen = Path(chosen)
+        DialogFolders.last = chosen if chosen.is_dir() else chosen.parent
+
+
 def page_header(title: str, text: str = "") -> QLabel:
     """A page's title (rich text ``title``, already escaped) and an optional sentence below it."""
     label = QLabel(f"<h2>{title}</h2>{text}")
@@ -93,12 +129,13 @@ class PathEdit(QWidget):
             self.edited.emit(self._last)
 
     def _browse(self, kind: str) -> None:
-        start = str(self.path() or Path.home())
+        start = start_path(self.path())
         if kind == "folder":
             chosen = QFileDialog.getExistingDirectory(self, "Choose a folder", start)
         elif kind == "save":
             chosen, _ = QFileDialog.getSaveFileName(self, "Save as", start, self.file_filter)
         else:
             chosen, _ = QFileDialog.getOpenFileName(self, "Choose a file", start, self.file_filter)
+        remember_folder(chosen)
         if chosen:
             self.set_path(Path(chosen), emit=True)

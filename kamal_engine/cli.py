@@ -347,8 +347,7 @@ class ProgressPrinter:
             else:
                 self.line(text)
         elif isinstance(event, ev.RunStarted):
-            resumed = f", resuming from {event.resumed_from}" if event.resumed_from else ""
-            self.line(f"Run '{event.name}': {event.method} on {event.device} → {event.output_dir}{resumed}")
+            self.line(ev.describe_started(event))
         elif isinstance(event, ev.StageStarted):
             self.line(ev.describe_stage(event))
         elif isinstance(event, ev.BlockConverged):
@@ -392,7 +391,7 @@ def cmd_run(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        result = run_recipe(recipe, resume=args.resume, restart=args.restart,
+        result = run_recipe(recipe, resume=args.resume, restart=args.restart, replace=args.replace,
                             emit=printer or (lambda event: None), cancel=cancel)
     except (RunCancelled, KeyboardInterrupt):
         print("kamal: interrupted; the finished blocks are kept: continue with kamal run --resume", file=sys.stderr)
@@ -513,10 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe: amalgamate the teachers into a student",
                        description="Run RECIPE (a TOML file, see the README): train the student, write "
                        "student.kamal.pt, metrics.csv, report.json and the recipe as run into the recipe's output "
-                       "folder, with resumable checkpoints at every block boundary.")
+                       "folder, with resumable checkpoints at every block boundary. The folder is the run's own: "
+                       "one holding another run is used only with --resume, --restart or --replace, and one holding "
+                       "files no run wrote is refused.")
     p.add_argument("recipe", help="recipe file (.toml)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run after its last finished block")
-    p.add_argument("--restart", action="store_true", help="start over even if the output folder holds an unfinished run")
+    p.add_argument("--restart", action="store_true", help="start over although the output folder holds an unfinished "
+                   "run (the old run is moved to FOLDER.previous-TIMESTAMP, nothing is deleted)")
+    p.add_argument("--replace", action="store_true", help="start over although the output folder holds a finished "
+                   "run (moved to FOLDER.previous-TIMESTAMP, nothing is deleted). A folder holding files no run wrote "
+                   "is always refused")
     p.add_argument("--output", metavar="DIR", help="output folder (overrides [run].output_dir)")
     p.add_argument("--json", action="store_true", help="print the report as JSON at the end (no progress output)")
     p.set_defaults(func=cmd_run)

@@ -55,10 +55,108 @@ SIZE = 2 * CELL
 
 Log = Callable[[str], None]
 
+# Measured cost of the build's work on 2 CPU cores (ms per image; only their ratios matter: the ETA
+# follows the measured rate once a few percent are done)
+WRITE_MS = 0.5  # compose and write one PNG
+TRAIN_MS = {"smallnet": 1.6, "resnet18": 5.4, "resnet34": 7.9}  # one training image, forward + backward, 56 px
+EVAL_FRACTION = 0.2  # an evaluation forward pass against a training step
+
+
+def train_ms(arch: str, arch_kwargs: dict | None = None) -> float:
+    """Cost of one training image of ``arch`` (a SmallNet scales with its width, ~width^1.8)."""
+    if arch == "smallnet":
+        return TRAIN_MS["smallnet"] * ((arch_kwargs or {}).get("width", 16) / 16) ** 1.8
+    return TRAIN_MS.get(arch, TRAIN_MS["resnet34"])
+
+
+@dataclass
+class BuildProgress:
+    """Where a workspace build stands: the whole build's fraction done, its ETA, the current part."""
+
+    fraction: float
+    eta_seconds: float | None
+    part: str
+
+
+class BuildMeter:
+    """The whole build's progress over parts weighted by their cost (:func:`build_parts`).
+
+    A builder calls ``begin(part)``, ``tick(fraction of the part)`` (every training step) and
+    ``end()``; ``report`` gets a :class:`BuildProgress` at most every ``every`` seconds and at each
+    part's start and end. The ETA is the measured rate (seconds per unit of cost) times the cost
+    left, from the cost model alone until 3 % is done.
+    """
+
+    def __init__(self, parts: dict[str, float], report: Callable[[BuildProgress], None], every: float = 0.25,
+                 clock: Callable[[], float] = time.monotonic):
+        self.parts, self.report, self.every, self.clock = dict(parts), report, every, clock
+        self.total = max(1e-9, sum(self.parts.values()))
+        self.done = 0.0  # cost of the finished parts
+        self.part, self.within = "", 0.0
+        self.started = clock()
+        self.last = -float("inf")
+
+    def fraction(self) -> float:
+        return min(1.0, (self.done + self.parts.get(self.part, 0.0) * self.within) / self.total)
+
+    def eta_seconds(self) -> float:
+        done = self.fraction()
+        left = self.total * (1 - done)
+        if done < 0.03:
+            return left / 1000  # the cost model's ms
+        return (self.clock() - self.started) / (done * self.total) * left
+
+    def begin(self, part: str) -> None:
+        self.part, self.within = part, 0.0
+        self._send(force=True)
+
+    def tick(self, within: float) -> None:
+        self.within = min(1.0, max(0.0, within))
+        self._send()
+
+    def end(self) -> None:
+        self.done += self.parts.get(self.part, 0.0)
+        self.part, self.within = "", 0.0
+        self._send(force=True)
+
+    def _send(self, force: bool = False) -> None:
+        now = self.clock()
+        if force or now - self.last >= self.every:
+            self.last = now
+            self.report(BuildProgress(self.fraction(), self.eta_seconds(), self.part))
+
+
+def build_parts(config: "DemoConfig", demo: bool = True, independent: bool = False,
+                teachers: Sequence["IndependentTeacher"] | None = None) -> dict[str, float]:
+    """The cost (ms on 2 CPU cores) of each part of a build: the workspace (``demo``) and/or the
+    teachers trained apart (``independent``), in the part names the builders report."""
+    parts: dict[str, float] = {}
+    small = train_ms("smallnet", {"width": config.teacher_width})
+    if demo:
+        parts["write images"] = sum(config.mosaics) * WRITE_MS
+        parts["backbone"] = config.pretrain_images * config.pretrain_epochs * small
+        for name, _ in config.teachers:
+            parts[name] = config.mosaics[0] * config.teacher_epochs * small
+        parts["evaluate"] = config.mosaics[2] * len(config.teachers) * small * EVAL_FRACTION
+    if independent:
+        specs = INDEPENDENT_TEACHERS if teachers is None else teachers
+        share = config.mosaics[0] / (max(t.part for t in specs) + 1)
+        for t in specs:
+            parts[t.name] = share * t.epochs * train_ms(t.arch, t.arch_kwargs)
+        parts["evaluate apart"] = config.mosaics[2] * sum(train_ms(t.arch, t.arch_kwargs) for t in specs) * EVAL_FRACTION
+    return parts
+
+
+class _NoMeter:
+    def begin(self, part: str) -> None: ...
+    def tick(self, within: float) -> None: ...
+    def end(self) -> None: ...
+
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo workspace. The defaults give teachers of about 0.98 mAP in about a minute."""
+    """Sizes of the demo workspace. The defaults give teachers of about 0.98 mAP in about a minute on an
+    idle 2-core machine (:func:`build_parts` estimates it; a busy machine takes longer)."""
 
     seed: int = 0
     digit_pools: tuple[int, int, int] = (2500, 1500, 1000)  # teacher-train, unlabeled, validation digits
@@ -140,13 +238,15 @@ def _write_split(folder: Path, images: np.ndarray, targets: np.ndarray | None) -
 def train_teacher(images: np.ndarray, targets: np.ndarray, preprocessing: Preprocessing, config: DemoConfig,
                   device: torch.device, log: Log, title: str, epochs: int | None = None,
                   start_from: dict | None = None, learning_rate: float | None = None,
-                  arch: str = "smallnet", arch_kwargs: dict | None = None, seed: int | None = None) -> torch.nn.Module:
+                  arch: str = "smallnet", arch_kwargs: dict | None = None, seed: int | None = None,
+                  tick: Callable[[float], None] | None = None) -> torch.nn.Module:
     """Supervised training of a SmallNet (or ``arch`` with ``arch_kwargs``) on grayscale images (replicated
     to RGB).
 
     ``targets`` (N, L) 0/1: multi-label (BCE); (N,) class indices: multi-class (cross entropy).
     ``start_from``: a state dict to fine-tune from (every weight but the classifier's).
     ``seed``: the initial weights' and the image order's seed (default: the workspace's).
+    ``tick``: called after every step with the fraction of the training done.
     """
     seed = config.seed if seed is None else seed
     torch.manual_seed(seed)
@@ -181,6 +281,8 @@ def train_teacher(images: np.ndarray, targets: np.ndarray, preprocessing: Prepro
             schedule.step()
             running += loss.item()
             step += 1
+            if tick is not None:
+                tick(step / total)
         elapsed = time.monotonic() - start
         eta = elapsed / step * (total - step)
         log(f"  {title}: epoch {epoch + 1}/{epochs}  loss {running / steps_per_epoch:.4f}  "
@@ -294,11 +396,16 @@ def teacher_summaries(root: Path, results: list[tuple[Teacher, Evaluation]]) -> 
 
 
 def build_demo(root: str | Path, config: DemoConfig | None = None, device: str | torch.device = "cpu",
-               log: Log = print) -> dict:
-    """Build the workspace under ``root`` and return its manifest (also written to ``demo.json``)."""
+               log: Log = print, meter: BuildMeter | None = None) -> dict:
+    """Build the workspace under ``root`` and return its manifest (also written to ``demo.json``).
+
+    ``meter``: a :class:`BuildMeter` over (at least) ``build_parts(config)``, told each part's progress.
+    """
     config = config or DemoConfig()
     root, device = Path(root), torch.device(device)
+    meter = meter or _NoMeter()
     started = time.monotonic()
+    meter.begin("write images")
     rng = np.random.default_rng(config.seed)
     digits, labels = load_digits()
     order = rng.permutation(len(digits))
@@ -310,8 +417,10 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
         pool = order[lo:hi]
         splits[name] = compose_mosaics(digits[pool], labels[pool], count, rng)
     log(f"Writing {sum(config.mosaics)} mosaic images (2x2 grids of real MNIST digits) to {root / 'data'} …")
-    for name, (images, targets) in splits.items():
+    for n, (name, (images, targets)) in enumerate(splits.items(), 1):
         _write_split(root / "data" / name, images, None if name == "unlabeled" else targets)
+        meter.tick(n / len(splits))
+    meter.end()
 
     train_images, train_targets = splits["teacher-train"]
     digit_mean = float(train_images.mean() / 255.0)
@@ -323,16 +432,20 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
     pre_images, pre_classes = compose_single_digits(pre_digits, pre_labels, config.pretrain_images, rng)
     log(f"Pre-training the shared backbone on sklearn's digits ({len(pre_images)} single-digit images, "
         f"{plural(config.pretrain_epochs, 'epoch')}, {device}) …")
+    meter.begin("backbone")
     backbone_model = train_teacher(pre_images, pre_classes, preprocessings[0], config, device, log, "backbone",
-                                   epochs=config.pretrain_epochs)
+                                   epochs=config.pretrain_epochs, tick=meter.tick)
+    meter.end()
     Teacher("backbone_digits", "smallnet", list(DIGIT_NAMES), "multiclass", preprocessings[0], backbone_model,
             arch_kwargs={"width": backbone_model.width, "depth": list(backbone_model.depth)}).save(pretrained_path(root))
     backbone = backbone_model.state_dict()
     for (name, digit_set), preprocessing, path in zip(config.teachers, preprocessings, (native, foreign)):
         log(f"Fine-tuning teacher {name} on labels {', '.join(DIGIT_NAMES[d] for d in digit_set)} "
             f"({len(train_images)} images, {plural(config.teacher_epochs, 'epoch')}, {device}) …")
+        meter.begin(name)
         model = train_teacher(train_images, train_targets[:, digit_set], preprocessing, config, device, log, name,
-                              start_from=backbone, learning_rate=config.finetune_learning_rate)
+                              start_from=backbone, learning_rate=config.finetune_learning_rate, tick=meter.tick)
+        meter.end()
         teacher = Teacher(name, "smallnet", [DIGIT_NAMES[d] for d in digit_set], "multilabel", preprocessing,
                           model, arch_kwargs={"width": model.width, "depth": list(model.depth)})
         if path == native:
@@ -344,7 +457,9 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
     recipes = write_recipes(root, config)
 
     log("Evaluating the teachers on the validation split …")
+    meter.begin("evaluate")
     results = evaluate_demo_teachers(root, config, device)
+    meter.end()
     manifest = {
         "engine_version": __version__,
         "config": asdict(config),
@@ -438,6 +553,7 @@ def build_heterogeneous(root: str | Path, config: DemoConfig | None = None, devi
     """Add the heterogeneous source teachers and ``recipes/adaptive-ka.toml`` (selecting ``labels``
     from every source that has them) to a built workspace."""
     config, root, device = config or DemoConfig(), Path(root), torch.device(device)
+    meter = meter or _NoMeter()
     if not is_complete(root):
         raise ValueError(f"{root} is not a built demo workspace; build it first")
     started = time.monotonic()
@@ -514,7 +630,8 @@ def load_independent_teachers(root: Path, teachers: Sequence[IndependentTeacher]
 
 
 def build_independent(root: str | Path, config: DemoConfig | None = None, device: str | torch.device = "cpu",
-                      log: Log = print, teachers: Sequence[IndependentTeacher] = INDEPENDENT_TEACHERS) -> dict:
+                      log: Log = print, teachers: Sequence[IndependentTeacher] = INDEPENDENT_TEACHERS,
+                      meter: BuildMeter | None = None) -> dict:
     """Add teachers trained apart and ``recipes/filtered-ka-independent.toml`` to a built workspace.
 
     Each teacher is a torchvision network trained from scratch on its own part of the teacher-train
@@ -523,6 +640,7 @@ def build_independent(root: str | Path, config: DemoConfig | None = None, device
     shared-backbone teachers the filtered-KA paper (and the main demo) assume.
     """
     config, root, device = config or DemoConfig(), Path(root), torch.device(device)
+    meter = meter or _NoMeter()
     if not is_complete(root):
         raise ValueError(f"{root} is not a built demo workspace; build it first")
     started = time.monotonic()
@@ -536,9 +654,11 @@ def build_independent(root: str | Path, config: DemoConfig | None = None, device
         log(f"Training teacher {spec.name} ({spec.arch}, from scratch) on labels "
             f"{', '.join(DIGIT_NAMES[d] for d in spec.digits)} ({len(rows)} images, {plural(spec.epochs, 'epoch')}, "
             f"seed {spec.seed}, {device}) …")
+        meter.begin(spec.name)
         model = train_teacher(images[rows], targets[rows][:, list(spec.digits)], preprocessing, config, device, log,
                               spec.name, epochs=spec.epochs, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs),
-                              seed=spec.seed)
+                              seed=spec.seed, tick=meter.tick)
+        meter.end()
         torch.save(model.state_dict(), path)
         path.with_suffix(".labels.txt").write_text("\n".join(DIGIT_NAMES[d] for d in spec.digits) + "\n")
     recipe = root / "recipes" / "filtered-ka-independent.toml"
@@ -549,8 +669,10 @@ def build_independent(root: str | Path, config: DemoConfig | None = None, device
                  f'task = "multilabel"\ninput_size = {SIZE}\n')
     recipe.write_text(demo_recipe(INDEPENDENT_COMMENT, "filtered-ka-independent", "filtered-ka", teachers[0].arch, text))
     log("Evaluating the independent teachers on the validation split …")
+    meter.begin("evaluate apart")
     validation = read_labelled_csv(root / "data" / "validation" / "labels.csv")
     results = [(t, evaluate_teacher(t, validation, device=device)) for t in load_independent_teachers(root, teachers)]
+    meter.end()
     manifest = json.loads((root / MANIFEST).read_text())
     manifest["independent"] = {"teachers": teacher_summaries(root, results),
                                "recipe": str(recipe.relative_to(root)),

@@ -21,6 +21,7 @@ class RunStarted:
     output_dir: str
     total_steps: int
     resumed_from: str | None = None
+    moved_aside: str | None = None  # where the folder's earlier run went (restart / replace)
 
 
 @dataclass
@@ -57,6 +58,16 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def describe_started(event: RunStarted) -> str:
+    """The run's first line (the CLI and the app print the same)."""
+    text = f"Run '{event.name}': {event.method} on {event.device} → {event.output_dir}"
+    if event.resumed_from:
+        text += f", resuming from {event.resumed_from}"
+    if event.moved_aside:
+        text += f" (the earlier run there was moved to {event.moved_aside})"
+    return text
+
+
 def describe_stage(event: StageStarted) -> str:
     """A one-line, human description of a stage (the CLI and the app print the same)."""
     epochs = plural(event.epochs, "epoch")
@@ -87,6 +98,15 @@ class StepLosses:
     losses: dict[str, float]  # e.g. {"loss": .., "teacher:digits_0to4": .., "label:zero": ..}
     images_per_second: float
     eta_seconds: float
+
+
+@dataclass
+class LossHistory:
+    """A resumed run's losses up to its checkpoint (from ``metrics.csv``), so plots show the whole run.
+
+    ``steps`` are :class:`StepLosses` of the finished part (no throughput or ETA: they are not live)."""
+
+    steps: list[StepLosses]
 
 
 @dataclass

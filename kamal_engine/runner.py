@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -28,20 +27,20 @@ from .data import read_labelled
 from .devices import resolve_device
 from .errors import KamalError
 from .evaluation import Evaluation, evaluate
-from .events import (CancelToken, Cancelled, Emit, Evaluated, Failed, Finished, Progress, RunCancelled, RunStarted,
-                     StageStarted)
+from .events import (CancelToken, Cancelled, Emit, Evaluated, Failed, Finished, LossHistory, Progress, RunCancelled,
+                     RunStarted, StageStarted)
 from .export import export_onnx
 from .methods import get_method, resolve_params
 from .methods.common import RunContext
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .profile import count_flops, count_parameters
 from .recipe import Recipe
+from .runfolder import CHECKPOINT_FORMAT, check_run_folder, claim_run_folder, inspect_run_folder, write_manifest
 from .selection import TaskSelection
 from .targetnet import Student
 from .teacher import load_pretrained
 from .training import MetricsLog, UnlabeledImages, teacher_targets
 
-CHECKPOINT_FORMAT = "kamal-run-checkpoint"
 
 
 class Checkpointer:
@@ -140,9 +139,13 @@ def _clean(value):
     return value
 
 
-def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, emit: Emit | None = None,
-               cancel: CancelToken | None = None) -> RunResult:
+def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, replace: bool = False,
+               emit: Emit | None = None, cancel: CancelToken | None = None) -> RunResult:
     """Run ``recipe``; report through ``emit``; stop between steps once ``cancel`` is set.
+
+    A fresh run (not ``resume``) starts only in a folder of its own (:mod:`~kamal_engine.runfolder`):
+    ``restart`` moves an unfinished run there aside, ``replace`` a finished one; a folder with files
+    no run wrote is refused.
 
     Raises :class:`RunCancelled` when cancelled (after emitting :class:`Cancelled`), and re-raises
     any failure after emitting :class:`Failed`.
@@ -150,9 +153,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, e
     emit = emit or (lambda event: None)
     cancel = cancel or CancelToken()
     try:
-        return _run(recipe, resume, restart, emit, cancel)
+        return _run(recipe, resume, restart, replace, emit, cancel)
     except RunCancelled:
-        emit(Cancelled("cancelled; the finished blocks are kept: continue with --resume"))
+        emit(Cancelled("the finished blocks are kept"))
         raise
     except KamalError as exc:
         emit(Failed(str(exc)))
@@ -162,7 +165,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, e
         raise
 
 
-def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: CancelToken) -> RunResult:
+def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit, cancel: CancelToken) -> RunResult:
     started = time.monotonic()
     try:
         method = get_method(recipe.method)
@@ -182,13 +185,10 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
     }
     checkpointer = Checkpointer(out / "checkpoints" / "last.pt", method.id, fingerprint)
     if resume and not checkpointer.path.exists():
-        raise KamalError(f"there is no checkpoint to resume from in {out}; run without --resume")
-    if not resume and checkpointer.is_unfinished() and not restart:
-        raise KamalError(f"{out} holds an unfinished run; continue it with --resume or start over with --restart")
-    if not resume and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
-        checkpointer = Checkpointer(checkpointer.path, method.id, fingerprint)  # forget what it read
-    out.mkdir(parents=True, exist_ok=True)
+        raise KamalError(f"there is no checkpoint to resume from in {out} (no block of a run there has "
+                         "finished); start over with --restart instead of --resume")
+    if not resume:  # refused early; the folder is claimed once the recipe's inputs have loaded
+        check_run_folder(out, restart=restart, replace=replace)
     resumed = checkpointer.load() if resume else None
 
     seed_everything(recipe.seed)
@@ -196,9 +196,15 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
     teachers = [entry.load() for entry in recipe.teachers]
     selection = TaskSelection.build(teachers, [entry.select for entry in recipe.teachers], shared=method.shared_labels)
     student_model, arch, kwargs, student_pre = build_student(recipe, selection)
-    (out / "recipe.toml").write_text(recipe.to_toml())
+    moved = None
+    if not resume:  # the folder is the run's own: an earlier run is moved aside, a foreign folder refused
+        moved = claim_run_folder(out, restart=restart, replace=replace)
+        checkpointer = Checkpointer(checkpointer.path, method.id, fingerprint)  # forget what it read
+        write_manifest(out, engine_version=__version__, method=method.id, recipe=recipe.name)
+    atomic_write(out / "recipe.toml", lambda tmp: tmp.write_text(recipe.to_toml()))
     emit(RunStarted(recipe.name, method.id, str(device), str(out), 0,
-                    resumed_from=str(checkpointer.path) if resumed else None))
+                    resumed_from=str(checkpointer.path) if resumed else None,
+                    moved_aside=str(moved) if moved else None))
 
     size = max(max(t.preprocessing.input_size) for t in teachers)
     size = (max(size, max(student_pre.input_size)),) * 2
@@ -218,6 +224,8 @@ def _run(recipe: Recipe, resume: bool, restart: bool, emit: Emit, cancel: Cancel
         return evaluate_student(student, validation, device)
 
     metrics = MetricsLog(out / "metrics.csv", keep_until_step=resumed.get("step", 0) if resumed else None)
+    if metrics.kept:  # resumed: the plots get the finished part of the run too
+        emit(LossHistory(metrics.history()))
     try:
         ctx = RunContext(selection, student_model, arch, kwargs, student_pre, images, targets, device,
                          recipe.precision, params, recipe.seed, emit, cancel, metrics, checkpointer,
@@ -319,4 +327,4 @@ def evaluate_teacher_on_selection(teacher, selection: TaskSelection, n: int, dat
 
 def has_unfinished_run(output_dir: str | Path) -> bool:
     """Whether ``output_dir`` holds a run that stopped before it finished (``--resume`` continues it)."""
-    return Checkpointer(Path(output_dir) / "checkpoints" / "last.pt", "").is_unfinished()
+    return inspect_run_folder(output_dir).state == "unfinished"

@@ -158,10 +158,22 @@ class MetricsLog:
         if keep_until_step is not None and path.exists():  # resuming: drop what came after the checkpoint
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
+        self.kept = rows  # the rows of the finished part of a resumed run (:meth:`history`)
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
         self.writer.writeheader()
         self.writer.writerows(rows)
+
+    def history(self) -> list[StepLosses]:
+        """The kept rows as one :class:`StepLosses` per step (for :class:`LossHistory`)."""
+        steps: dict[int, StepLosses] = {}
+        for r in self.kept:
+            step = int(r["step"])
+            if step not in steps:
+                block = int(r["block"]) if r["block"] else None
+                steps[step] = StepLosses(step, 0, r["stage"], block, int(r["epoch"]), {}, 0.0, 0.0)
+            steps[step].losses[r["name"]] = float(r["value"])
+        return [steps[k] for k in sorted(steps)]
 
     def write(self, step: int, stage: str, block, epoch: int, values: dict[str, float],
               teacher_of: Callable[[str], tuple[str, str]]) -> None:

@@ -17,8 +17,10 @@ from kamal_engine.recipe import load_recipe
 def window(qtbot, tmp_path):
     w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
     # a failed test may leave a run going: stop it so that closing the window does not ask
+    # and a test's unsaved edits must not ask "Save changes?" at the end
     qtbot.addWidget(w, before_close_func=lambda widget: (widget.train_page.stop_and_wait(),
-                                                         widget.export_page.stop_and_wait()))
+                                                         widget.export_page.stop_and_wait(),
+                                                         widget.setWindowModified(False)))
     w.show()
     return w
 
@@ -389,7 +391,8 @@ def test_the_demo_with_teachers_trained_apart_is_built_once_then_opened(window, 
     tiny = (demo.IndependentTeacher("apart_a", "smallnet", (0, 1, 2, 3, 4), 0, 11, 2, {"width": 8}),
             demo.IndependentTeacher("apart_b", "smallnet", (5, 6, 7, 8, 9), 1, 12, 2, {"width": 8}))
     build, paths = demo.build_independent, demo.independent_paths
-    monkeypatch.setattr(demo, "build_independent", lambda root, config, log: build(root, config, log=log, teachers=tiny))
+    monkeypatch.setattr(demo, "build_independent",
+                        lambda root, config, log, meter=None: build(root, config, log=log, teachers=tiny, meter=meter))
     errors = []
     monkeypatch.setattr("kamal_app.main_window.show_error", lambda parent, title, exc: errors.append(exc))
     monkeypatch.setattr(demo, "independent_paths", lambda root, teachers=tiny: paths(root, teachers))

@@ -18,7 +18,7 @@ from kamal_engine.errors import KamalError
 from kamal_engine.methods import Param, get_method
 
 from ..session import StudioSession, method_ids
-from ..widgets import PathEdit, page_header
+from ..widgets import PathEdit, page_header, remember_folder, start_folder
 
 THUMBNAILS = 8
 
@@ -312,10 +312,7 @@ class DataMethodPage(QWidget):
     def _mode_changed(self, data_checked: bool) -> None:
         if self._loading:
             return
-        self.session.mode = "data" if data_checked else "data-free"
-        ids = method_ids(self.session.mode)
-        if self.session.method not in ids and ids:
-            self.session.method, self.session.params = ids[0], {}
+        self.session.set_mode("data" if data_checked else "data-free")
         self._push()
 
     def _unlabeled_changed(self, path) -> None:
@@ -333,7 +330,7 @@ class DataMethodPage(QWidget):
             return
         method_id = item.data(Qt.ItemDataRole.UserRole)
         if method_id != self.session.method:
-            self.session.method, self.session.params = method_id, {}
+            self.session.set_method(method_id)
             self._push()
 
     def _param_changed(self, name: str) -> None:
@@ -352,10 +349,11 @@ class DataMethodPage(QWidget):
         init, _, teacher = (self.student_init.currentData() or "teacher:1").partition(":")
         teacher = int(teacher) if teacher else s.student_teacher
         if init == "browse":  # ask for the file; cancelling keeps what was chosen before
-            start = str(s.student_checkpoint.parent if s.student_checkpoint else Path.home())
+            start = str(start_folder(s.student_checkpoint))
             chosen, _ = QFileDialog.getOpenFileName(
                 self, "Weights to start the student from", start,
                 "Checkpoints (*.pt *.pth *.safetensors *.bin *.ckpt);;All files (*)")
+            remember_folder(chosen)
             if chosen:
                 s.student_init, s.student_checkpoint = "checkpoint", Path(chosen).resolve()
             self.refresh()  # the combo shows the file (or the previous choice again)

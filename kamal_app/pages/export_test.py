@@ -21,7 +21,7 @@ from kamal_engine.export import DEFAULT_OPSET, MIN_OPSET
 
 from ..dialogs import show_error
 from ..workers import WorkerHandle
-from ..widgets import PathEdit, page_header
+from ..widgets import PathEdit, page_header, remember_folder, start_folder
 
 THUMB = 48
 
@@ -99,6 +99,7 @@ class ExportTestPage(QWidget):
         self.provider = QLabel()
         v.addWidget(self.provider)
         self.table = QTableWidget(0, 1)
+        self.table.setHorizontalHeaderLabels(["image"])  # not Qt's "1" before a student is chosen
         self.table.setIconSize(QSize(THUMB, THUMB))
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setDefaultSectionSize(THUMB + 6)
@@ -180,7 +181,8 @@ class ExportTestPage(QWidget):
     # --- test ---
     def choose_images(self) -> None:
         filters = "Images (" + " ".join(f"*{e}" for e in sorted(IMAGE_EXTENSIONS)) + ")"
-        paths, _ = QFileDialog.getOpenFileNames(self, "Choose images", str(Path.home()), filters)
+        paths, _ = QFileDialog.getOpenFileNames(self, "Choose images", str(start_folder()), filters)
+        remember_folder(paths[0] if paths else None)
         self.set_images([Path(p) for p in paths])
 
     def dragEnterEvent(self, event) -> None:

@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHea
 
 from kamal_engine.targetnet import Student, load_student
 
-from ..widgets import page_header
+from ..widgets import page_header, remember_folder, start_path
 
 
 class TargetNetDiagram(QWidget):
@@ -206,8 +206,9 @@ class ResultsPage(QWidget):
     def save_student_dialog(self) -> None:
         if self.student is None:
             return
-        start = str((self.output_dir or Path.home()) / "student.kamal.pt")
+        start = start_path(self.output_dir / "student.kamal.pt" if self.output_dir else None)
         path, _ = QFileDialog.getSaveFileName(self, "Save student", start, "Student bundles (*.kamal.pt *.pt)")
+        remember_folder(path)
         if path:
             self.save_student(Path(path))
 

@@ -42,7 +42,7 @@ NEW_LINES_PER_TICK = 2  # converged-loss lines created per redraw tick (on top o
 PROGRESS_STEPS = 200  # the bar repaints only when it moves a visible amount (0.5 %), not every step
 
 
-def run_in_worker(recipe, resume: bool, events: EventQueue):
+def run_in_worker(recipe, resume: bool, events: EventQueue, replace: bool = False):
     """The worker function: the run in a child process, its events queued, wake-ups throttled.
 
     See :mod:`kamal_app.engine_process` for why the engine does not train in this process.
@@ -57,7 +57,7 @@ def run_in_worker(recipe, resume: bool, events: EventQueue):
                 last[0] = now
                 wake(True)  # never None: PySide6 miscounts None's references across threads
 
-        return run_in_child_process(recipe, resume, emit, abort)
+        return run_in_child_process(recipe, resume, emit, abort, replace=replace)
 
     return work
 
@@ -221,7 +221,9 @@ class TrainPage(QWidget):
         """
         return self.handle is not None
 
-    def start(self, recipe, resume: bool = False, data_free: bool = False) -> None:
+    def start(self, recipe, resume: bool = False, data_free: bool = False, replace: bool = False) -> None:
+        """Run ``recipe`` (``resume``: continue the unfinished run in its folder; ``replace``: the user
+        agreed to move the folder's earlier run aside)."""
         if self.is_running():
             return
         self.cancelled = False
@@ -245,11 +247,12 @@ class TrainPage(QWidget):
         self.samples.setText("No samples yet.")
         self.progress.setValue(0)
         self.eta.setText("")
+        self.stage.setText("Resuming …" if resume else "Starting …")
         self.append(f"Starting '{recipe.name}' ({recipe.method}) → {recipe.output_dir}")
         # what exists now lives as long as the window: keep it out of the garbage collector's full
         # scans, which otherwise walk every object (torch's included) several times a second of plotting
         gc.freeze()
-        self.handle = WorkerHandle(run_in_worker(recipe, resume, self.events), self)
+        self.handle = WorkerHandle(run_in_worker(recipe, resume, self.events, replace), self)
         self.handle.worker.yielded.connect(self._wake)
         self.handle.worker.returned.connect(self.on_returned)
         self.handle.worker.errored.connect(self.on_errored)
@@ -329,6 +332,8 @@ class TrainPage(QWidget):
 
         Returns how many curves were created."""
         created = 0
+        for name in [n for n in curves if n not in series]:  # renamed (a resumed run's history)
+            plot.getPlotItem().removeItem(curves.pop(name))
         for name in [n for n in series if n in changed]:
             s = series[name]
             curve = curves.get(name)
@@ -422,6 +427,7 @@ class TrainPage(QWidget):
 
     def on_errored(self, exc) -> None:
         self.redraw()
+        self.eta.setText("")
         if isinstance(exc, RunCancelled) or self.cancelled:
             self.stage.setText("Cancelled. The finished blocks are kept; Start → Resume continues them.")
             self.append("Cancelled.")

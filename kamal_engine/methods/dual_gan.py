@@ -202,6 +202,8 @@ def run(ctx: RunContext) -> MethodResult:
     if blocks_done:
         ctx.student.load_state_dict(state["student"])
         filters = restore_filters(state["filters"], specs, device)
+    for k in range(1, blocks_done + 1):  # resumed: the finished blocks' converged losses, for the plots
+        ctx.emit(BlockConverged(k, names[k - 1], {task: losses[k - 1] for task, losses in converged.items()}))
     eval_draw_seed = ctx.phase_seed(EVAL_PHASE)
 
     for b in range(blocks_done + 1, n_blocks + 1):
