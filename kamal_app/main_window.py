@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer
+from PySide6.QtCore import QSettings, QSize, QStandardPaths, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QListWidget, QMainWindow, QMessageBox,
                                QProgressDialog, QPushButton, QStackedWidget, QVBoxLayout, QWidget)
@@ -29,6 +29,8 @@ from .workers import WorkerHandle
 CHECKPOINT_SUFFIXES = {".pt", ".pth", ".safetensors", ".bin", ".ckpt"}
 MAX_RECENT = 8
 AUTOSAVE_DELAY_MS = 1000
+DEFAULT_SIZE = (1200, 760)  # fits a 1280x800 screen with its panels
+MINIMUM_SIZE = (1024, 700)  # every page stays usable down to this (its forms wrap or scroll vertically)
 DEMO_PROGRESS_STEPS = 1000
 DEMO_PROGRESS_SECONDS = 0.25  # the build reports its progress at least this often (while training)
 PAGES = ("Teachers", "Labels", "Data & method", "Train", "Results", "Export & test")
@@ -37,6 +39,15 @@ PAGES = ("Teachers", "Labels", "Data & method", "Train", "Results", "Export & te
 def default_demo_dir() -> Path:
     base = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppDataLocation)
     return Path(base or Path.home() / ".kamal-studio") / "demo-workspace"
+
+
+def default_size(window: QWidget) -> QSize:
+    """The first start's window: DEFAULT_SIZE (every page fits it), less where the screen is smaller."""
+    screen = window.screen().availableGeometry() if window.screen() is not None else None
+    width, height = DEFAULT_SIZE
+    if screen is not None:
+        width, height = min(width, screen.width() - 40), min(height, screen.height() - 40)
+    return QSize(max(MINIMUM_SIZE[0], width), max(MINIMUM_SIZE[1], height))
 
 
 class MainWindow(QMainWindow):
@@ -99,7 +110,7 @@ class MainWindow(QMainWindow):
             self.restoreGeometry(geometry)
             self.restoreState(self.settings.value("window/state") or b"")
         else:
-            self.resize(self.fontMetrics().averageCharWidth() * 150, self.fontMetrics().height() * 42)
+            self.resize(default_size(self))
         last = self.settings.value("dialogs/last_folder")
         DialogFolders.last = Path(last) if last else None
         self.autosave_timer = QTimer(self)  # unsaved work is on disk a second after each edit (crash, kill -9)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtCore import QEvent, QObject, QSize, Qt, Signal
 from PySide6.QtGui import QPainter
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSizePolicy, QWidget
+from PySide6.QtWidgets import (QBoxLayout, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea,
+                               QSizePolicy, QVBoxLayout, QWidget)
 
 
 class DialogFolders:
@@ -139,3 +140,41 @@ class PathEdit(QWidget):
         remember_folder(chosen)
         if chosen:
             self.set_path(Path(chosen), emit=True)
+
+
+class Columns(QWidget):
+    """A page body of two columns (``left``, ``right``), side by side when the scroll area it sits in is
+    wide enough for both, else one above the other: the page then scrolls vertically, never sideways."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.box = QBoxLayout(QBoxLayout.Direction.LeftToRight, self)
+        self.left, self.right = QVBoxLayout(), QVBoxLayout()
+        self.box.addLayout(self.left, 1)
+        self.box.addLayout(self.right, 1)
+        self._viewport: QWidget | None = None
+
+    def in_scroll_area(self, scroll: QScrollArea) -> None:
+        """Put this body into ``scroll`` (vertical scrolling only) and follow its width."""
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(self)
+        self._viewport = scroll.viewport()
+        self._viewport.installEventFilter(self)
+
+    def side_by_side_width(self) -> int:
+        """The width two columns need (their minimum widths, the spacing and margins)."""
+        margins = self.box.contentsMargins()
+        return (self.left.minimumSize().width() + self.right.minimumSize().width() + self.box.spacing()
+                + margins.left() + margins.right())
+
+    def fit(self, width: int) -> None:
+        wide = width >= self.side_by_side_width()
+        direction = QBoxLayout.Direction.LeftToRight if wide else QBoxLayout.Direction.TopToBottom
+        if self.box.direction() != direction:
+            self.box.setDirection(direction)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt's name
+        if watched is self._viewport and event.type() == QEvent.Type.Resize:
+            self.fit(event.size().width())
+        return False

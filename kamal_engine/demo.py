@@ -223,11 +223,15 @@ def compose_mosaics(digits: np.ndarray, labels: np.ndarray, count: int, rng: np.
     return images, targets
 
 
-def _write_split(folder: Path, images: np.ndarray, targets: np.ndarray | None) -> None:
+def _write_split(folder: Path, images: np.ndarray, targets: np.ndarray | None,
+                 tick: Callable[[int], None] = lambda n: None) -> None:
+    """Write ``images`` as PNGs (and ``labels.csv``); ``tick(n)`` after each 100 images written."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     names = [f"images/{i:05d}.png" for i in range(len(images))]
-    for name, image in zip(names, images):
+    for n, (name, image) in enumerate(zip(names, images), 1):
         Image.fromarray(image, mode="L").save(folder / name)
+        if n % 100 == 0:
+            tick(100)
     if targets is not None:
         with open(folder / "labels.csv", "w", newline="") as f:
             writer = csv.writer(f)
@@ -417,9 +421,14 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
         pool = order[lo:hi]
         splits[name] = compose_mosaics(digits[pool], labels[pool], count, rng)
     log(f"Writing {sum(config.mosaics)} mosaic images (2x2 grids of real MNIST digits) to {root / 'data'} …")
-    for n, (name, (images, targets)) in enumerate(splits.items(), 1):
-        _write_split(root / "data" / name, images, None if name == "unlabeled" else targets)
-        meter.tick(n / len(splits))
+    written = [0]
+
+    def wrote(n: int) -> None:
+        written[0] += n
+        meter.tick(written[0] / sum(config.mosaics))
+
+    for name, (images, targets) in splits.items():
+        _write_split(root / "data" / name, images, None if name == "unlabeled" else targets, wrote)
     meter.end()
 
     train_images, train_targets = splits["teacher-train"]
@@ -553,7 +562,6 @@ def build_heterogeneous(root: str | Path, config: DemoConfig | None = None, devi
     """Add the heterogeneous source teachers and ``recipes/adaptive-ka.toml`` (selecting ``labels``
     from every source that has them) to a built workspace."""
     config, root, device = config or DemoConfig(), Path(root), torch.device(device)
-    meter = meter or _NoMeter()
     if not is_complete(root):
         raise ValueError(f"{root} is not a built demo workspace; build it first")
     started = time.monotonic()

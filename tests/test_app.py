@@ -499,3 +499,236 @@ def test_the_knowledge_table_and_warning_follow_the_diagnosis(window, qtbot):
     page.redraw()
     assert page.warning.isVisible() and "t_b only 42 %" in page.warning.text()
     assert "Warning: the student reproduces t_b" in page.log.toPlainText()
+
+
+# --- issue: nothing overwritten, nothing forgotten ---------------------------------------------------
+
+class Answer:
+    """Answers the next message boxes by clicking the buttons named ``texts`` in turn, as a user would."""
+
+    def __init__(self, *texts):
+        self.queue, self.seen, self.errors = list(texts), [], []
+        self.timer = QTimer()
+        self.timer.timeout.connect(self._check)
+        self.timer.start(30)
+
+    @property
+    def done(self):
+        return not self.queue
+
+    def _check(self):
+        modal = QApplication.activeModalWidget()
+        if not isinstance(modal, QMessageBox) or not self.queue:
+            return
+        self.seen.append(modal.text() + "\n" + modal.informativeText())
+        wanted = self.queue.pop(0)
+        for button in modal.buttons():
+            if button.text().replace("&", "") == wanted:
+                button.click()
+                break
+        else:
+            self.errors.append(f"no button {wanted!r} in {[b.text() for b in modal.buttons()]}")
+            modal.done(0)
+        if not self.queue:
+            self.timer.stop()
+
+
+def _run_to_the_end(window, qtbot):
+    page = window.train_page
+    qtbot.waitUntil(lambda: not page.is_running(), timeout=180000)
+    assert "Finished" in page.stage.text(), page.log.toPlainText()[-2000:]
+
+
+def test_start_on_a_finished_run_asks_and_replacing_moves_the_old_run_aside(window, quick_demo, tmp_path, qtbot):
+    root, _ = quick_demo
+    out = tmp_path / "gui-done"
+    _tiny_demo_window(window, root, out)
+    window.start_button.click()
+    _run_to_the_end(window, qtbot)
+    first = (out / "report.json").read_text()
+    checkpoint = (out / "checkpoints" / "last.pt").read_bytes()
+
+    answer = Answer("Cancel")
+    window.start_button.click()  # the box is modal: click returns once it is answered
+    assert answer.done and not answer.errors and "holds a finished run" in answer.seen[0]
+    assert "nothing is deleted" in answer.seen[0] and not window.train_page.is_running()
+    assert (out / "report.json").read_text() == first
+
+    answer = Answer("Open results")
+    window.start_button.click()
+    assert answer.done and window.pages.currentWidget() is window.results_page
+    assert not window.train_page.is_running()
+
+    answer = Answer("Replace it")
+    window.start_button.click()
+    assert answer.done and not answer.errors and window.train_page.is_running()
+    _run_to_the_end(window, qtbot)
+    previous = [p for p in tmp_path.iterdir() if p.name.startswith("gui-done.previous-")]
+    assert len(previous) == 1, list(tmp_path.iterdir())
+    assert (previous[0] / "report.json").read_text() == first  # the old run, whole, beside the new one
+    assert (previous[0] / "checkpoints" / "last.pt").read_bytes() == checkpoint
+    assert (out / "report.json").is_file() and "earlier run there was moved to" in window.train_page.log.toPlainText()
+
+
+def test_start_on_a_folder_with_a_users_files_offers_another_folder_and_touches_nothing(window, quick_demo, tmp_path,
+                                                                                       monkeypatch):
+    root, _ = quick_demo
+    mine = tmp_path / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "epoch10.pt").write_bytes(b"my weights")
+    _tiny_demo_window(window, root, mine)
+    chosen = tmp_path / "elsewhere"
+    chosen.mkdir()
+    monkeypatch.setattr("kamal_app.main_window.QFileDialog.getExistingDirectory", lambda *a, **k: str(chosen))
+    answer = Answer("Choose another folder…")
+    window.start_button.click()
+    assert answer.done and not answer.errors and "files that no run wrote (checkpoints)" in answer.seen[0]
+    assert not window.train_page.is_running() and window.session.output_dir == chosen.resolve()
+    assert window.data_page.output.path() == chosen.resolve()
+    assert (mine / "checkpoints" / "epoch10.pt").read_bytes() == b"my weights"
+    assert sorted(p.name for p in mine.rglob("*")) == ["checkpoints", "epoch10.pt"]
+
+
+def test_quitting_with_unsaved_changes_offers_to_save_and_the_session_comes_back(qtbot, quick_demo, tmp_path):
+    root, _ = quick_demo
+    settings = str(tmp_path / "settings.ini")
+
+    def new_window():
+        w = MainWindow(QSettings(settings, QSettings.Format.IniFormat))
+        qtbot.addWidget(w, before_close_func=lambda widget: widget.setWindowModified(False))
+        w.show()
+        return w
+
+    w = new_window()
+    assert w.open_recipe(root / "recipes" / "filtered-ka.toml")
+    mine = tmp_path / "mine.toml"
+    assert w.write_recipe(mine)
+    w.session.set_selected(0, w.session.teachers[0].selected[:1])  # an edit: the title shows '*'
+    w.data_page.seed.setValue(7)
+    assert w.isWindowModified()
+    edited = w.session.state()
+
+    answer = Answer("Cancel")
+    assert not w.close() and answer.done and "unsaved changes" in answer.seen[0] and w.isVisible()
+    qtbot.waitUntil(w.autosave_path().is_file, timeout=5000)  # on disk a second after the edit: kill -9 loses nothing
+
+    killed = new_window()  # the next start after a crash: the unsaved session comes back, still unsaved
+    assert killed.restore_session()
+    assert killed.session.state() == edited and killed.isWindowModified()
+    assert killed.session.recipe_path == mine.resolve()
+    killed.setWindowModified(False)
+    killed.close()
+
+    answer = Answer("Save")
+    assert w.close() and answer.done
+    saved = load_recipe(mine)
+    assert saved.teachers[0].select == edited["teachers"][0][5] and saved.seed == 7
+    assert not w.autosave_path().exists()
+
+    again = new_window()  # a normal start: the recipe that was open
+    assert again.restore_session() and again.session.state() == edited and not again.isWindowModified()
+    again.session.set_selected(1, [])
+    answer = Answer("Discard")
+    assert again.close() and answer.done
+    assert load_recipe(mine).teachers[1].select != [] and not again.autosave_path().exists()
+
+
+def test_switching_method_or_mode_and_back_keeps_the_typed_hyper_parameters(window, quick_demo):
+    root, _ = quick_demo
+    assert window.open_recipe(root / "recipes" / "filtered-ka.toml")
+    page = window.data_page
+
+    def choose(method_id):
+        for i in range(page.methods.count()):
+            if page.methods.item(i).data(Qt.ItemDataRole.UserRole) == method_id:
+                page.methods.setCurrentRow(i)
+                return
+        raise AssertionError(method_id)
+
+    page._param_widgets["epochs_per_block"][1].setValue(7)
+    assert window.session.params["epochs_per_block"] == 7
+    choose("kd")
+    assert window.session.method == "kd" and "epochs_per_block" not in window.session.params
+    page._param_widgets["epochs"][1].setValue(3)
+    choose("filtered-ka")
+    assert page._param_widgets["epochs_per_block"][1].value() == 7 and window.session.params == {"epochs_per_block": 7}
+    choose("kd")
+    assert page._param_widgets["epochs"][1].value() == 3
+    choose("filtered-ka")
+    page.mode_free.setChecked(True)
+    assert window.session.mode == "data-free" and window.session.method != "filtered-ka"
+    assert "epochs_per_block" not in window.session.params
+    page.mode_data.setChecked(True)
+    assert window.session.method == "filtered-ka" and window.session.params == {"epochs_per_block": 7}
+    assert page._param_widgets["epochs_per_block"][1].value() == 7
+
+
+def test_after_resume_the_plots_keep_the_finished_blocks(window, quick_demo, tmp_path, qtbot):
+    root, _ = quick_demo
+    _tiny_demo_window(window, root, tmp_path / "gui-resume")
+    page = window.train_page
+    window.start_button.click()
+    qtbot.waitUntil(lambda: "converged loss at b1" in page.log.toPlainText(), timeout=60000)
+    page.cancel_button.click()
+    qtbot.waitUntil(lambda: not page.is_running(), timeout=5000)
+    assert page.eta.text() == ""  # no ETA after Cancel
+    answer = Answer("Resume")
+    window.start_button.click()
+    assert answer.done and not answer.errors and page.is_running()
+    _run_to_the_end(window, qtbot)
+    b1 = [name for name in page.curves if name.startswith("b1 · ")]
+    assert b1, list(page.curves)
+    x, _ = page.curves[b1[0]].getData()
+    assert x[0] == 1.0  # from the first step of the run, not from the resumed block
+    assert all("b1" in values for values in page.monitor.converged.values())
+    line, _ = next(iter(page.converged_curves.values()))
+    assert line.getData()[0][0] == 1.0  # the branch chart starts at b1 too
+    assert set(page.monitor.plan) == set(page.monitor.converged)
+
+
+def test_the_demo_build_shows_a_bar_over_the_whole_build_with_an_overall_eta(window, tmp_path, qtbot, monkeypatch):
+    from kamal_engine import demo
+
+    quick = demo.DemoConfig.quick()
+    monkeypatch.setattr(demo, "DemoConfig", lambda: quick)
+    assert window.open_demo_workspace(tmp_path / "fresh-demo")
+    dialog = window.demo_dialog
+    assert dialog.maximum() == 1000 and "idle 2-core machine" in dialog.labelText()
+    values, labels = [], []
+    window.demo_handle.worker.yielded.connect(lambda m: (values.append(dialog.value()), labels.append(dialog.labelText())))
+    qtbot.waitUntil(lambda: window.demo_handle is None, timeout=120000)
+    assert values == sorted(values) and len(set(values)) > 10 and max(values) >= 990
+    assert any("left" in text and "%" in text for text in labels)
+
+
+def test_the_build_meter_weights_parts_and_its_eta_follows_the_measured_rate():
+    from kamal_engine.demo import BuildMeter, DemoConfig, build_parts
+
+    now = [0.0]
+    seen = []
+    meter = BuildMeter({"a": 1000.0, "b": 3000.0}, seen.append, every=0.25, clock=lambda: now[0])
+    meter.begin("a")
+    assert seen[-1].fraction == 0 and seen[-1].eta_seconds == 4.0  # the cost model (ms) before any rate
+    for i in range(1, 11):
+        now[0] += 0.5  # the machine is 5x slower than the model: "a" takes 5 s
+        meter.tick(i / 10)
+    meter.end()
+    assert seen[-1].fraction == 0.25 and abs(seen[-1].eta_seconds - 15.0) < 1e-9
+    times = len(seen)
+    meter.begin("b")
+    meter.tick(0.01)  # within `every` of the last report: not sent
+    assert len(seen) == times + 1
+    parts = build_parts(DemoConfig(), demo=True, independent=True)
+    assert set(parts) >= {"write images", "backbone", "digits_0to4", "ind3_resnet34", "evaluate apart"}
+    assert parts["ind3_resnet34"] > parts["digits_0to4"]  # a ResNet-34 costs more than a SmallNet
+
+
+def test_small_things_the_start_line_the_predictions_header_and_the_log(window, quick_demo):
+    root, _ = quick_demo
+    assert window.open_recipe(root / "recipes" / "filtered-ka.toml")
+    window.session.set_selected(1, [])
+    assert "from 1 teacher," in window.start_reason.text()  # not "2 teacher(s)" when one has nothing ticked
+    assert window.export_page.table.horizontalHeaderItem(0).text() == "image"
+    answer = Answer("OK")
+    dialogs.show_error(window, "Cannot load this teacher", "x.pt: is damaged")
+    assert answer.done and "Cannot load this teacher: x.pt: is damaged" in window.train_page.log.toPlainText()

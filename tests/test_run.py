@@ -173,14 +173,16 @@ def test_a_teacher_with_an_empty_selection_is_kept_but_teaches_nothing(quick_dem
         report["size"]["student"]["parameters"] / teacher_params, rel=1e-3)
 
 
-@pytest.mark.parametrize("flags", [[], ["--restart"]])
-def test_running_a_finished_run_again_trains_again(quick_demo, tmp_path, capsys, flags):
+def test_running_a_finished_run_again_needs_replace_and_then_trains_again(quick_demo, tmp_path, capsys):
     root, _ = quick_demo
     path = tiny_recipe(root, tmp_path / "again", "kd")
     assert main(["run", str(path)]) == 0
     first = (tmp_path / "again" / "metrics.csv").read_text()
     capsys.readouterr()
-    assert main(["run", str(path), *flags]) == 0
+    for flags in ([], ["--restart"]):  # a finished run is never replaced unasked
+        assert main(["run", str(path), *flags]) == 2
+        assert "holds a finished run" in capsys.readouterr().err
+    assert main(["run", str(path), "--replace"]) == 0
     err = capsys.readouterr().err
     assert "img/s" in err  # it trained: step progress was printed
     assert (tmp_path / "again" / "metrics.csv").read_text().count("\n") == first.count("\n")

@@ -18,7 +18,7 @@ from kamal_engine.errors import KamalError
 from kamal_engine.methods import Param, get_method
 
 from ..session import StudioSession, method_ids
-from ..widgets import PathEdit, page_header, remember_folder, start_folder
+from ..widgets import Columns, PathEdit, page_header, remember_folder, start_folder
 
 THUMBNAILS = 8
 
@@ -91,18 +91,15 @@ class DataMethodPage(QWidget):
             "Data &amp; method", "Where the knowledge flows through: unlabeled images (or none), the amalgamation "
             "method and its settings, and where the run goes."))
         scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
         outer.addWidget(scroll, 1)
-        body = QWidget()
-        scroll.setWidget(body)
-        columns = QHBoxLayout(body)
-        left, right = QVBoxLayout(), QVBoxLayout()
-        columns.addLayout(left, 1)
-        columns.addLayout(right, 1)
+        self.body = Columns()  # two columns, or one above the other in a narrow window
+        self.body.in_scroll_area(scroll)
+        left, right = self.body.left, self.body.right
 
         # --- data ---
         data_box = QGroupBox("Data")
         form = QFormLayout(data_box)
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         self.mode_data = QRadioButton("Folder of unlabeled images")
         self.mode_free = QRadioButton("Data-free (no images: a generator synthesises them)")
         group = QButtonGroup(self)
@@ -135,6 +132,7 @@ class DataMethodPage(QWidget):
         # --- run ---
         run_box = QGroupBox("Run")
         form = QFormLayout(run_box)
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         self.run_name = QLineEdit()
         self.run_name.editingFinished.connect(self._run_changed)
         form.addRow("Name", self.run_name)
@@ -176,8 +174,14 @@ class DataMethodPage(QWidget):
         self.method_info.setWordWrap(True)
         self.method_info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         v.addWidget(self.method_info)
-        params_box = QGroupBox("Hyper-parameters (defaults: the paper's where it gives them; see the tooltips)")
-        self.params_form = QFormLayout(params_box)
+        params_box = QGroupBox("Hyper-parameters")
+        params_layout = QVBoxLayout(params_box)
+        note = QLabel("Defaults: the paper's where it gives them. Each field's tooltip says what it does.")
+        note.setWordWrap(True)
+        params_layout.addWidget(note)
+        self.params_form = QFormLayout()
+        self.params_form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        params_layout.addLayout(self.params_form)
         v.addWidget(params_box)
         right.addWidget(method_box)
         right.addStretch(1)

@@ -17,13 +17,15 @@ and for data-free methods the generator's losses and the latest generated sample
 from __future__ import annotations
 
 import gc
+import html
+import math
 import threading
 import time
 
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QElapsedTimer, Qt, QTimer, Signal
-from PySide6.QtGui import QImage, QPixmap
+from PySide6.QtGui import QFontMetricsF, QImage, QPixmap
 from PySide6.QtWidgets import (QCheckBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar,
                                QPushButton, QSizePolicy, QVBoxLayout, QWidget)
 
@@ -90,8 +92,52 @@ class Heartbeat:
         self.ticks += 1
 
 
+class ReadableAxis(pg.AxisItem):
+    """An axis whose log-scale labels never pile up: 1-2-5 per decade where they fit, else the decades
+    (every n-th when even those do not), printed as plain numbers (0.02, not 2x10⁻²)."""
+
+    def logTickValues(self, minVal, maxVal, size, stdTicks):  # noqa: N802, N803 - pyqtgraph's names
+        if not (math.isfinite(minVal) and math.isfinite(maxVal)) or maxVal <= minVal:
+            return [(None, [])]
+        room = max(2, int(size / (QFontMetricsF(self.font()).height() * 1.6)))
+        lo, hi = math.floor(minVal), math.ceil(maxVal)
+        for mantissas in ((1, 2, 5), (1,)):
+            values = [e + math.log10(m) for e in range(lo, hi + 1) for m in mantissas]
+            values = [v for v in values if minVal <= v <= maxVal]
+            if 2 <= len(values) <= room:
+                return [(None, values)]
+        if hi - lo <= 1:  # less than a decade shown: a few evenly spaced values
+            return [(None, list(np.linspace(minVal, maxVal, min(room, 4))))]
+        decades = [v for v in range(lo, hi + 1) if minVal <= v <= maxVal]
+        return [(None, decades[::math.ceil(len(decades) / room)])]
+
+    def logTickStrings(self, values, scale, spacing):  # noqa: N802 - pyqtgraph's name
+        return [f"{10 ** v * scale:.3g}" for v in values]
+
+
+class Legend(QLabel):
+    """A plot's legend beside it, never over its data; hidden while the plot has no curve."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setTextFormat(Qt.TextFormat.RichText)
+        self.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
+        self.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Preferred)
+        self.entries: list[tuple[str, str]] = []
+        self.setVisible(False)
+
+    def set_entries(self, entries: list[tuple[str, object]]) -> None:
+        """``(name, colour)`` per curve, in drawing order."""
+        entries = [(name, pg.mkColor(color).name()) for name, color in entries]
+        if entries == self.entries:
+            return
+        self.entries = entries
+        self.setText("<br>".join(f"<span style='color:{c}'>&#9632;</span>&nbsp;{html.escape(n)}" for n, c in entries))
+        self.setVisible(bool(entries))
+
+
 def _plot(title: str, left: str, bottom: str) -> pg.PlotWidget:
-    widget = pg.PlotWidget()
+    widget = pg.PlotWidget(axisItems={"left": ReadableAxis("left")})
     palette = widget.palette()
     widget.setBackground(palette.base().color())
     item = widget.getPlotItem()
@@ -105,9 +151,18 @@ def _plot(title: str, left: str, bottom: str) -> pg.PlotWidget:
     # grows (every step while training); with a grid, a repaint costs 4-5x the CPU
     item.setClipToView(True)  # draw what is visible, and at most about one point per pixel
     item.setDownsampling(auto=True, mode="peak")
-    item.addLegend(offset=(-10, 10), labelTextColor=palette.text().color(), labelTextSize="8pt",
-                   brush=pg.mkBrush(palette.base().color()), pen=pg.mkPen(palette.mid().color()))
+    widget.legend = Legend()
     return widget
+
+
+def with_legend(plot: pg.PlotWidget) -> QWidget:
+    """The plot with its :class:`Legend` to the right."""
+    panel = QWidget()
+    row = QHBoxLayout(panel)
+    row.setContentsMargins(0, 0, 0, 0)
+    row.addWidget(plot, 1)
+    row.addWidget(plot.legend)
+    return panel
 
 
 def sample_grid(images, columns: int = 8) -> QImage:
@@ -179,12 +234,13 @@ class TrainPage(QWidget):
         grid = QGridLayout()
         layout.addLayout(grid, 1)
         self.loss_plot = _plot("Per-block losses (per teacher)", "loss", "step")
-        grid.addWidget(self.loss_plot, 0, 0)
+        grid.addWidget(with_legend(self.loss_plot), 0, 0)
         self.log_scale = QCheckBox("Log scale")
         self.log_scale.toggled.connect(lambda on: self.loss_plot.getPlotItem().setLogMode(y=on))
         grid.addWidget(self.log_scale, 1, 0)
         self.converged_plot = _plot("Converged loss per block (★ branch point)", "converged loss", "block")
-        grid.addWidget(self.converged_plot, 0, 1)
+        self.converged_panel = with_legend(self.converged_plot)
+        grid.addWidget(self.converged_panel, 0, 1)
         self.knowledge = QLabel()  # teacher x block: the share of its knowledge the student reproduces
         self.knowledge.setTextFormat(Qt.TextFormat.RichText)
         self.knowledge.setVisible(False)
@@ -192,7 +248,7 @@ class TrainPage(QWidget):
         self.free_box = QGroupBox("Data-free: generator")
         free = QHBoxLayout(self.free_box)
         self.generator_plot = _plot("Generator losses", "loss", "step")
-        free.addWidget(self.generator_plot, 1)
+        free.addWidget(with_legend(self.generator_plot), 1)
         self.samples = QLabel("No samples yet.")
         self.samples.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.samples.setMinimumWidth(self.fontMetrics().averageCharWidth() * 40)
@@ -235,12 +291,14 @@ class TrainPage(QWidget):
         self.branch_stars = None
         self._converged_ticks = None
         self.generator_plot.getPlotItem().clear()
+        for plot in (self.loss_plot, self.converged_plot, self.generator_plot):
+            plot.legend.set_entries([])
         for plot in (self.loss_plot, self.generator_plot):
             plot.x_extent = None
             plot.getPlotItem().enableAutoRange(x=True)
         self.curves, self.generator_curves = {}, {}
         self.free_box.setVisible(data_free)
-        self.converged_plot.setVisible(method_branches(recipe.method))  # kd, dafl, adaptive-ka: no branch-out
+        self.converged_panel.setVisible(method_branches(recipe.method))  # kd, dafl, adaptive-ka: no branch-out
         self.knowledge.setVisible(False)
         self.knowledge.clear()
         self.warning.setVisible(False)
@@ -345,6 +403,8 @@ class TrainPage(QWidget):
                 created += 1
             y = np.asarray(s.y, dtype=np.float64)
             curve.setData(np.asarray(s.x, dtype=np.float64), np.where(np.isfinite(y), y, np.nan))
+        if created:
+            plot.legend.set_entries([(n, c.opts["pen"].color()) for n, c in curves.items()])
         return created
 
     def _draw_converged(self, new_lines_per_tick: int = NEW_LINES_PER_TICK) -> bool:
@@ -372,6 +432,7 @@ class TrainPage(QWidget):
                 line = item.plot(name=task, pen=pg.mkPen(color, width=1.5), symbol="o", symbolSize=6,
                                  symbolBrush=color, connect="finite")
                 self.converged_curves[task] = (line, color)
+                self.converged_plot.legend.set_entries([(t, c) for t, (_, c) in self.converged_curves.items()])
             line, color = self.converged_curves[task]
             known = [b for b in values if b in position]
             line.setData(np.asarray([position[b] for b in known], dtype=np.float64),

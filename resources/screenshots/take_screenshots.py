@@ -1,0 +1,101 @@
+"""Screenshots of every page of KAmal Studio at the default size and at 1024x700, and of the Train page
+after a Resume, written next to this file.
+
+Run it on a real X server (a virtual one is fine)::
+
+    xvfb-run -a -s "-screen 0 1280x800x24" .venv/bin/python resources/screenshots/take_screenshots.py
+
+It builds the quick demo workspace in a temporary folder (seconds), runs a short filtered-ka run,
+cancels it after the first block, resumes it to the end (so the Train page shows a resumed run),
+then shows each page and saves what the window draws (``QWidget.grab``: the X server's rendering).
+Nothing outside the temporary folder and this folder is written.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SIZES = (None, (1024, 700))  # None: the window's default size on a first start
+
+
+def wait(app, condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {seconds:.0f} s waiting for the app")
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def settle(app, seconds: float = 0.4) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def main() -> int:
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QApplication
+
+    from kamal_app.main_window import PAGES, MainWindow, default_size
+    from kamal_engine.demo import DemoConfig, build_demo
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    work = Path(tempfile.mkdtemp(prefix="kamal-screenshots-"))
+    build_demo(work / "demo", DemoConfig.quick(), log=lambda message: None)
+    window = MainWindow(QSettings(str(work / "settings.ini"), QSettings.Format.IniFormat))
+    window.show()
+    assert window.open_recipe(work / "demo" / "recipes" / "filtered-ka.toml")
+    window.session.set_output_dir(work / "runs" / "screenshot-run")
+    window.session.params = {"epochs_per_block": 2, "finetune_epochs": 2, "batch_size": 32}
+    window.session.device = "cpu"
+    window.session.notify()
+    page = window.train_page
+
+    window.start_button.click()  # a short run, cancelled after its first block, then resumed
+    wait(app, lambda: "converged loss at b1" in page.log.toPlainText(), 300)
+    page.cancel_button.click()
+    wait(app, lambda: not page.is_running(), 60)
+    window.ask_run_folder = lambda info: "resume"  # the "Unfinished run" box, answered Resume
+    window.start_button.click()
+    wait(app, lambda: not page.is_running(), 600)
+    window.open_run(work / "runs" / "screenshot-run")
+    export = window.export_page
+    images = sorted((work / "demo" / "data" / "validation" / "images").glob("*.png"))[:4]
+    export.set_images(images)
+    settle(app, 1.0)
+
+    written = []
+    for size in SIZES:
+        if size is None:
+            window.resize(default_size(window))
+        else:
+            window.resize(*size)
+        settle(app)
+        tag = f"{window.width()}x{window.height()}"
+        for index, name in enumerate(PAGES):
+            window.nav.setCurrentRow(index)
+            settle(app)
+            path = HERE / f"{name.lower().replace(' & ', '-').replace(' ', '-')}-{tag}.png"
+            window.grab().save(str(path))
+            written.append(path)
+    window.nav.setCurrentRow(PAGES.index("Train"))
+    window.resize(default_size(window))
+    settle(app)
+    path = HERE / "train-after-resume.png"
+    window.grab().save(str(path))
+    written.append(path)
+    window.setWindowModified(False)
+    window.close()
+    for path in written:
+        print(path.relative_to(HERE.parent.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
