@@ -30,6 +30,7 @@ CHECKPOINT_SUFFIXES = {".pt", ".pth", ".safetensors", ".bin", ".ckpt"}
 MAX_RECENT = 8
 AUTOSAVE_DELAY_MS = 1000
 DEFAULT_SIZE = (1200, 760)  # fits a 1280x800 screen with its panels
+LOG_LINES = 6  # the log dock's height on a first start
 MINIMUM_SIZE = (1024, 700)  # every page stays usable down to this (its forms wrap or scroll vertically)
 DEMO_PROGRESS_STEPS = 1000
 DEMO_PROGRESS_SECONDS = 0.25  # the build reports its progress at least this often (while training)
@@ -66,7 +67,8 @@ class MainWindow(QMainWindow):
         outer.addLayout(body, 1)
         self.nav = QListWidget()
         self.nav.addItems(PAGES)
-        self.nav.setMaximumWidth(self.fontMetrics().horizontalAdvance("Data & method") * 2)
+        metrics = self.fontMetrics()
+        self.nav.setMaximumWidth(metrics.horizontalAdvance("Data & method") + 6 * metrics.averageCharWidth())
         body.addWidget(self.nav)
         self.pages = QStackedWidget()
         self.teachers_page = TeachersPage(self.session)
@@ -99,6 +101,8 @@ class MainWindow(QMainWindow):
         self.log_dock.setWidget(self.train_page.log)
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.log_dock)
         ErrorLog.sink = self.train_page.append  # every error shown is also in the log
+        # the log starts a few lines high: the pages get the height (the user can drag it taller)
+        self.resizeDocks([self.log_dock], [self.fontMetrics().lineSpacing() * LOG_LINES], Qt.Orientation.Vertical)
 
         self._build_menus()
         self.session.changed.connect(self._session_changed)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QIcon, QPixmap
-from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
+from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox,
                                QLabel, QLineEdit, QListView, QListWidget, QListWidgetItem, QRadioButton, QScrollArea,
                                QSpinBox, QVBoxLayout, QWidget)
 
@@ -167,7 +167,9 @@ class DataMethodPage(QWidget):
         method_box = QGroupBox("Method")
         v = QVBoxLayout(method_box)
         self.methods = QListWidget()
-        self.methods.setFixedHeight(self.fontMetrics().height() * 4)
+        self.methods.setWordWrap(True)  # long titles wrap instead of scrolling sideways
+        self.methods.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.methods.setFixedHeight(self.fontMetrics().lineSpacing() * 6 + 4 * self.methods.frameWidth())
         self.methods.currentItemChanged.connect(self._method_changed)
         v.addWidget(self.methods)
         self.method_info = QLabel()

@@ -151,6 +151,7 @@ def _plot(title: str, left: str, bottom: str) -> pg.PlotWidget:
     # grows (every step while training); with a grid, a repaint costs 4-5x the CPU
     item.setClipToView(True)  # draw what is visible, and at most about one point per pixel
     item.setDownsampling(auto=True, mode="peak")
+    item.getAxis("left").enableAutoSIPrefix(False)  # 0.02, not 20 with "(x0.001)" beside the axis
     widget.legend = Legend()
     return widget
 
@@ -238,7 +239,7 @@ class TrainPage(QWidget):
         self.log_scale = QCheckBox("Log scale")
         self.log_scale.toggled.connect(lambda on: self.loss_plot.getPlotItem().setLogMode(y=on))
         grid.addWidget(self.log_scale, 1, 0)
-        self.converged_plot = _plot("Converged loss per block (★ branch point)", "converged loss", "block")
+        self.converged_plot = _plot("Converged loss · ★ branch", "converged loss", "block")
         self.converged_panel = with_legend(self.converged_plot)
         grid.addWidget(self.converged_panel, 0, 1)
         self.knowledge = QLabel()  # teacher x block: the share of its knowledge the student reproduces
@@ -256,7 +257,9 @@ class TrainPage(QWidget):
         grid.addWidget(self.free_box, 2, 0, 1, 2)
         self.free_box.setVisible(False)
         grid.setRowStretch(0, 1)
-        grid.setRowStretch(2, 1)  # the data-free row shares the height instead of squashing the loss plots
+        grid.setColumnStretch(0, 1)
+        grid.setColumnStretch(1, 1)
+        self.plots_grid = grid  # the data-free row gets a share of the height only when shown (start)
         for plot in (self.loss_plot, self.converged_plot, self.generator_plot):
             plot.setMinimumHeight(self.fontMetrics().height() * 12)
 
@@ -298,6 +301,7 @@ class TrainPage(QWidget):
             plot.getPlotItem().enableAutoRange(x=True)
         self.curves, self.generator_curves = {}, {}
         self.free_box.setVisible(data_free)
+        self.plots_grid.setRowStretch(2, 1 if data_free else 0)  # shares the height, never squashing the loss plots
         self.converged_panel.setVisible(method_branches(recipe.method))  # kd, dafl, adaptive-ka: no branch-out
         self.knowledge.setVisible(False)
         self.knowledge.clear()
@@ -359,7 +363,7 @@ class TrainPage(QWidget):
             created += self._update_curves(self.loss_plot, self.curves, m.series, m.dirty_series)
             m.dirty_series = set()
         if "generator" in dirty:
-            self.free_box.setVisible(True)
+            self._show_free_box()
             self._fix_x_extent(self.generator_plot, m.total_steps)
             created += self._update_curves(self.generator_plot, self.generator_curves, m.generator,
                                            m.dirty_generator)
@@ -369,12 +373,16 @@ class TrainPage(QWidget):
         if "knowledge" in dirty:
             self._draw_knowledge()
         if "samples" in dirty and m.samples is not None:
-            self.free_box.setVisible(True)
+            self._show_free_box()
             pixmap = QPixmap.fromImage(sample_grid(m.samples))
             side = self.samples.minimumWidth()
             self.samples.setPixmap(pixmap.scaled(side, side, Qt.AspectRatioMode.KeepAspectRatio,
                                                  Qt.TransformationMode.FastTransformation))
             self.samples.setToolTip(f"generated at step {m.samples_step}")
+
+    def _show_free_box(self) -> None:
+        self.free_box.setVisible(True)
+        self.plots_grid.setRowStretch(2, 1)
 
     @staticmethod
     def _fix_x_extent(plot: pg.PlotWidget, total_steps: int) -> None:

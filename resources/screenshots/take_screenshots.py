@@ -90,6 +90,11 @@ def main() -> int:
     path = HERE / "train-after-resume.png"
     window.grab().save(str(path))
     written.append(path)
+    page.log_scale.setChecked(True)
+    settle(app)
+    path = HERE / "train-log-scale.png"
+    window.grab().save(str(path))
+    written.append(path)
     window.setWindowModified(False)
     window.close()
     for path in written:
