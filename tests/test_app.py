@@ -732,3 +732,38 @@ def test_small_things_the_start_line_the_predictions_header_and_the_log(window, 
     answer = Answer("OK")
     dialogs.show_error(window, "Cannot load this teacher", "x.pt: is damaged")
     assert answer.done and "Cannot load this teacher: x.pt: is damaged" in window.train_page.log.toPlainText()
+
+
+def test_the_data_page_never_scrolls_sideways_and_stacks_its_columns_when_narrow(window, quick_demo, qtbot):
+    from PySide6.QtWidgets import QBoxLayout
+
+    from kamal_app.main_window import DEFAULT_SIZE, MINIMUM_SIZE
+
+    root, _ = quick_demo
+    assert window.open_recipe(root / "recipes" / "filtered-ka.toml")
+    window.nav.setCurrentRow(2)
+    body = window.data_page.body
+    viewport = body.parentWidget()
+    for size, side_by_side in ((DEFAULT_SIZE, True), (MINIMUM_SIZE, True), ((560, 600), False)):
+        window.resize(*size)
+        qtbot.waitUntil(lambda: body.width() <= viewport.width())
+        qtbot.wait(50)
+        assert body.minimumSizeHint().width() <= viewport.width(), size
+        wide = body.box.direction() == QBoxLayout.Direction.LeftToRight
+        assert wide == side_by_side, (size, viewport.width(), body.side_by_side_width())
+
+
+def test_log_ticks_are_few_and_plain_numbers():
+    from PySide6.QtGui import QFontMetricsF
+
+    from kamal_app.pages.train import ReadableAxis
+
+    axis = ReadableAxis("left")
+    line = QFontMetricsF(axis.font()).height()
+    ((_, values),) = axis.logTickValues(-3.0, 0.5, 200, [])  # 0.001 .. 3 on 200 pixels
+    assert 2 <= len(values) <= 200 / line
+    assert axis.logTickStrings(values, 1.0, None)[0] == "0.001"
+    ((_, values),) = axis.logTickValues(-0.6, -0.2, 200, [])  # less than a decade: still labelled
+    assert len(values) >= 2 and all(-0.6 <= v <= -0.2 for v in values)
+    ((_, values),) = axis.logTickValues(-30.0, 5.0, 100, [])  # many decades on a short axis: thinned
+    assert len(values) <= 100 / line
