@@ -392,6 +392,9 @@ class MainWindow(QMainWindow):
         from kamal_engine import demo
 
         folder = Path(folder or self.settings.value("demo/folder", "") or default_demo_dir()).resolve()
+        folder, why = demo.workspace_root(folder)  # a folder of the user's own: a sub-folder, theirs untouched
+        if why:
+            self.train_page.append(why)
         recipe = folder / "recipes" / ("filtered-ka-independent.toml" if independent else "filtered-ka.toml")
         built = demo.is_complete(folder)
         if built and (not independent or recipe.is_file() and all(p.is_file() for p in demo.independent_paths(folder))):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import signal
 import sys
 import time
@@ -247,6 +246,9 @@ def cmd_demo(args) -> int:
     device = resolve_device(args.device)
     if root.exists() and not root.is_dir():
         raise KamalError("exists and is not a folder; choose another place for the demo workspace", root)
+    root, why = demo.workspace_root(root)  # a user's own folder: a sub-folder, nothing of theirs touched
+    if why:
+        _log(why)
     started = time.monotonic()
     if demo.is_complete(root) and not args.force:
         _log(f"The demo workspace in {root} is already built (--force rebuilds it); evaluating its teachers …")
@@ -254,12 +256,10 @@ def cmd_demo(args) -> int:
         results = demo.evaluate_demo_teachers(root, config, device)
         manifest["teachers"] = demo.teacher_summaries(root, results)
     else:
-        for part in ("data", "teachers", "recipes", demo.MANIFEST):  # only what the builder itself writes
-            target = root / part
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        if demo.is_complete(root):  # --force: the old build is set aside whole (with anything added inside)
+            _log(f"Moved the previous build to {demo.set_aside_parts(root)}")
+        elif demo.is_partial(root):  # an interrupted build of ours: all of it was written by the builder
+            demo.clear_partial(root)
         manifest = demo.build_demo(root, config, device, log=_log)
     if args.heterogeneous:
         if "heterogeneous" not in manifest or not all(p.is_file() for p in demo.heterogeneous_paths(root)):

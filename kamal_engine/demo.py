@@ -387,6 +387,59 @@ def is_complete(root: Path) -> bool:
     return (Path(root) / MANIFEST).is_file()
 
 
+BUILDING = ".kamal-demo-building"  # written first by a build, removed when demo.json is written
+PARTS = ("data", "teachers", "recipes", "pretrained", MANIFEST, BUILDING)  # what the builder writes in a workspace
+
+
+def is_partial(root: Path) -> bool:
+    """A build of ours started in ``root`` and did not finish (everything of PARTS there is ours)."""
+    return (Path(root) / BUILDING).is_file() and not is_complete(root)
+
+
+def workspace_root(root: str | Path) -> tuple[Path, str | None]:
+    """Where a demo workspace asked for in ``root`` is built: ``root`` itself when it is missing, empty,
+    a workspace or a partial build of ours; else (a user's own folder) a new ``kamal-demo`` sub-folder
+    (``-2``, ``-3`` … when taken), never mixing with or replacing the user's files. Returns the folder
+    and, when it is not ``root``, the sentence saying why."""
+    root = Path(root)
+    candidate, n = root, 1
+    while candidate.is_dir() and any(candidate.iterdir()) and not (is_complete(candidate) or is_partial(candidate)):
+        candidate = root / ("kamal-demo" if n == 1 else f"kamal-demo-{n}")
+        n += 1
+    if candidate == root:
+        return root, None
+    return candidate, (f"{root} holds files the demo builder did not write; the workspace goes into "
+                       f"{candidate} instead, and nothing in {root} is touched")
+
+
+def set_aside_parts(root: Path) -> Path:
+    """Move what a finished build wrote (PARTS, with anything added inside them) into
+    ``root/previous-<timestamp>/`` (``kamal demo --force``): rebuilt afresh, nothing deleted."""
+    target = root / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 2
+    while target.exists():
+        target = root / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        n += 1
+    target.mkdir()
+    for part in PARTS:
+        if (root / part).exists():
+            (root / part).rename(target / part)
+    return target
+
+
+def clear_partial(root: Path) -> None:
+    """Remove what an unfinished build of ours left (only PARTS: the builder wrote all of it)."""
+    import shutil
+
+    assert is_partial(root)
+    for part in PARTS:
+        path = root / part
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def evaluate_demo_teachers(root: Path, config: DemoConfig | None = None, device: str | torch.device = "cpu"
                            ) -> list[tuple[Teacher, Evaluation]]:
     validation = read_labelled_csv(Path(root) / "data" / "validation" / "labels.csv")
@@ -409,6 +462,8 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
     root, device = Path(root), torch.device(device)
     meter = meter or _NoMeter()
     started = time.monotonic()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / BUILDING).write_text("a demo build started here; `kamal demo` finishes or redoes it\n")
     meter.begin("write images")
     rng = np.random.default_rng(config.seed)
     digits, labels = load_digits()
@@ -478,6 +533,7 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
         "build_seconds": round(time.monotonic() - started, 1),
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (root / BUILDING).unlink(missing_ok=True)
     return manifest
 
 

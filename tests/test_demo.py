@@ -53,3 +53,24 @@ def test_quick_demo_workspace(quick_demo):
 def test_full_demo_teachers_reach_095_map(tmp_path):
     manifest = build_demo(tmp_path, DemoConfig(), log=lambda message: None)
     assert [t["validation"]["mean_ap"] >= 0.95 for t in manifest["teachers"]] == [True, True]
+
+
+def test_kamal_demo_never_deletes_a_users_files(tmp_path, capsys):
+    """A folder of the user's own gets the workspace in a sub-folder; --force sets the old build aside."""
+    from kamal_engine import demo
+    from kamal_engine.cli import main
+
+    mine = tmp_path / "p"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "mine.txt").write_text("x")
+    assert main(["demo", str(mine), "--quick"]) == 0
+    assert (mine / "data" / "mine.txt").read_text() == "x" and sorted(p.name for p in mine.iterdir()) == [
+        "data", "kamal-demo"]
+    workspace = mine / "kamal-demo"
+    assert demo.is_complete(workspace) and not (workspace / demo.BUILDING).exists()
+    assert "holds files the demo builder did not write" in capsys.readouterr().err
+    (workspace / "recipes" / "my-own.toml").write_text("# mine\n")
+    assert main(["demo", str(workspace), "--quick", "--force"]) == 0
+    previous = [p for p in workspace.iterdir() if p.name.startswith("previous-")]
+    assert len(previous) == 1 and (previous[0] / "recipes" / "my-own.toml").read_text() == "# mine\n"
+    assert demo.is_complete(workspace) and (previous[0] / demo.MANIFEST).is_file()
