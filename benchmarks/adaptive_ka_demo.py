@@ -66,7 +66,7 @@ def recipe_for(workspace: Path, name: str, extra: str, seed: int = 0) -> Path:
 
 def run(path: Path, seed: int) -> dict:
     started, wall = time.process_time(), time.monotonic()
-    result = run_recipe(load_recipe(path), restart=True)
+    result = run_recipe(load_recipe(path), restart=True, replace=True)
     return {**result.report, "seed": seed, "cpu_seconds": round(time.process_time() - started, 1),
             "wall_seconds": round(time.monotonic() - wall, 1)}
 

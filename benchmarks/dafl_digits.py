@@ -104,7 +104,7 @@ def main() -> None:
                                       width=args.generator_width))
         print(f"== {name}", flush=True)
         cpu, wall = time.process_time(), time.monotonic()
-        report = run_recipe(load_recipe(path), restart=True).report
+        report = run_recipe(load_recipe(path), restart=True, replace=True).report
         results[name] = {"teacher_accuracy": report["validation"]["teachers"]["lenet5"]["accuracy"],
                          "student_accuracy": report["validation"]["student"]["accuracy"],
                          "student_parameters": report["size"]["student"]["parameters"],

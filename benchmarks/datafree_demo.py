@@ -58,7 +58,7 @@ def recipe_for(workspace: Path, name: str, base: str, method: str, params: dict,
 
 def run(path: Path) -> dict:
     cpu, wall = time.process_time(), time.monotonic()
-    report = run_recipe(load_recipe(path), restart=True).report
+    report = run_recipe(load_recipe(path), restart=True, replace=True).report
     return {**report, "cpu_seconds": round(time.process_time() - cpu, 1), "wall_seconds": round(time.monotonic() - wall, 1)}
 
 

@@ -66,7 +66,7 @@ def recipe_for(workspace: Path, name: str, method: str, selects: tuple[list[str]
 def run(path: Path) -> dict:
     started = time.process_time()
     wall = time.monotonic()
-    result = run_recipe(load_recipe(path), restart=True)
+    result = run_recipe(load_recipe(path), restart=True, replace=True)
     return {**result.report, "cpu_seconds": round(time.process_time() - started, 1),
             "wall_seconds": round(time.monotonic() - wall, 1)}
 

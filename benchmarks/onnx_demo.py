@@ -48,7 +48,7 @@ def demo_student(workspace: Path) -> Path:
     recipe = workspace / "recipes" / "bench-onnx.toml"
     recipe.write_text(text)
     print("Training the demo student (filtered-ka, all labels, CPU) …", flush=True)
-    return run_recipe(load_recipe(recipe), restart=True).output_dir / "student.kamal.pt"
+    return run_recipe(load_recipe(recipe), restart=True, replace=True).output_dir / "student.kamal.pt"
 
 
 def summary(timing: dict, batch: int) -> dict:

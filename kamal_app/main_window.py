@@ -22,7 +22,7 @@ from .pages.labels import LabelsPage
 from .pages.results import ResultsPage
 from .pages.teachers import TeachersPage
 from .pages.train import TrainPage
-from .session import StudioSession, recipe_text
+from .session import RECIPE_HEADER, StudioSession, recipe_text
 from .widgets import DialogFolders, remember_folder, start_folder, start_path
 from .workers import WorkerHandle
 
@@ -529,10 +529,8 @@ class MainWindow(QMainWindow):
 
     def choose_output_folder(self) -> bool:
         """Ask for the run's output folder (the Data & method page shows it)."""
-        from kamal_engine.runfolder import free_sibling
-
         current = self.session.output_dir
-        start = start_folder(free_sibling(current).parent if current is not None else None)
+        start = start_folder(current.parent if current is not None else None)
         folder = QFileDialog.getExistingDirectory(self, "Output folder of the run", str(start))
         remember_folder(folder)
         if not folder:
@@ -592,7 +590,13 @@ class MainWindow(QMainWindow):
 
     def _forget_autosave(self) -> None:
         self.autosave_timer.stop()
-        self.autosave_path().unlink(missing_ok=True)  # written by this program only
+        path = self.autosave_path()
+        try:
+            ours = path.read_text().startswith(RECIPE_HEADER)  # a file of that name not saved by the app stays
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        if ours:
+            path.unlink(missing_ok=True)
         self.settings.remove("session/autosave_of")
         self.settings.remove("session/output_unset")
 

@@ -217,6 +217,9 @@ class StudioSession(QObject):
         }
 
 
+RECIPE_HEADER = "# KAmal Studio recipe, saved by the app."  # the first line of every recipe the app writes
+
+
 def recipe_text(recipe: Recipe, path: Path) -> str:
     """The recipe as TOML, paths relative to ``path``'s folder where they are below or beside it."""
     folder = path.parent.resolve()
@@ -237,6 +240,6 @@ def recipe_text(recipe: Recipe, path: Path) -> str:
     copy.student_checkpoint = rel(recipe.student_checkpoint)
     copy.teachers = [TeacherEntry(rel(t.checkpoint), t.select, t.name, t.arch, t.arch_kwargs, rel(t.labels_file),
                                   t.labels, t.task, t.input_size, t.mean, t.std, t.trust) for t in recipe.teachers]
-    header = ("# KAmal Studio recipe, saved by the app. Paths are relative to this file.\n"
+    header = (f"{RECIPE_HEADER} Paths are relative to this file.\n"
               f"# Run it with:  kamal run {path.name}\n")
     return header + copy.to_toml()

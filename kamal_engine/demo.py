@@ -462,6 +462,10 @@ def build_demo(root: str | Path, config: DemoConfig | None = None, device: str |
     root, device = Path(root), torch.device(device)
     meter = meter or _NoMeter()
     started = time.monotonic()
+    taken = [part for part in PARTS if (root / part).exists()]
+    if taken and not is_partial(root):  # never write over (nor, later, clear) what the builder did not write
+        raise ValueError(f"{root} already holds {', '.join(taken)}, not written by an unfinished build; build the "
+                         "workspace into an empty folder (kamal demo does: see workspace_root)")
     root.mkdir(parents=True, exist_ok=True)
     (root / BUILDING).write_text("a demo build started here; `kamal demo` finishes or redoes it\n")
     meter.begin("write images")

@@ -35,7 +35,7 @@ from .methods.common import RunContext
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .profile import count_flops, count_parameters
 from .recipe import Recipe
-from .runfolder import CHECKPOINT_FORMAT, check_run_folder, claim_run_folder, inspect_run_folder, write_manifest
+from .runfolder import CHECKPOINT_FORMAT, check_run_folder, inspect_run_folder, move_aside, write_manifest
 from .selection import TaskSelection
 from .targetnet import Student
 from .teacher import load_pretrained
@@ -188,7 +188,7 @@ def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit,
         raise KamalError(f"there is no checkpoint to resume from in {out} (no block of a run there has "
                          "finished); start over with --restart instead of --resume")
     if not resume:  # refused early; the folder is claimed once the recipe's inputs have loaded
-        check_run_folder(out, restart=restart, replace=replace)
+        folder = check_run_folder(out, restart=restart, replace=replace)
     resumed = checkpointer.load() if resume else None
 
     seed_everything(recipe.seed)
@@ -198,8 +198,7 @@ def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit,
     student_model, arch, kwargs, student_pre = build_student(recipe, selection)
     moved = None
     if not resume:  # the folder is the run's own: an earlier run is moved aside, a foreign folder refused
-        moved = claim_run_folder(out, restart=restart, replace=replace)
-        checkpointer = Checkpointer(checkpointer.path, method.id, fingerprint)  # forget what it read
+        moved = None if folder.state == "new" else move_aside(out)
         write_manifest(out, engine_version=__version__, method=method.id, recipe=recipe.name)
     atomic_write(out / "recipe.toml", lambda tmp: tmp.write_text(recipe.to_toml()))
     emit(RunStarted(recipe.name, method.id, str(device), str(out), 0,
