@@ -74,7 +74,7 @@ def _child_main(recipe, resume: bool, replace: bool, out, cancel_in) -> None:
     threading.Thread(target=watch, daemon=True, name="cancel-watch").start()
     try:
         result = run_recipe(recipe, resume=resume, restart=replace, replace=replace, emit=lambda e: send(("event", e)),
-                            cancel=token)
+                            cancel=token, command=f"KAmal Studio, the window of process {os.getppid()}")
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the app
         send(("errored", _picklable(exc)))
     else:
@@ -182,8 +182,23 @@ def _last_words(reader, emit, child) -> tuple[str, Any]:
     return _died(child)
 
 
+def exit_text(code: int | None) -> str:
+    """How a process ended, for a sentence: ``killed by signal SIGKILL (9)`` or ``exit code 3``."""
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "an unknown signal"
+        why = {"SIGKILL": ", as the system's out-of-memory killer or kill -9 does", "SIGSEGV": ", a crash",
+               "SIGTERM": ", asked to stop"}.get(name, "")
+        return f"killed by signal {name} ({-code}){why}"
+    return f"exit code {code}"
+
+
 def _died(child) -> tuple[str, Any]:
     child.join()
     return "errored", EngineProcessDied(
-        f"The training process ended unexpectedly (exit code {child.exitcode}: killed, crashed or out of memory). "
-        "The finished blocks are kept: Start → Resume continues the run.")
+        f"The training process (pid {child.pid}) ended unexpectedly: {exit_text(child.exitcode)}. The finished "
+        "blocks are kept: Start → Resume continues the run.")

@@ -470,11 +470,17 @@ class MainWindow(QMainWindow):
         """Start the session's recipe. A folder holding another run (or files no run wrote) asks first:
         a run folder is the run's own, and an earlier run is moved aside, never deleted."""
         from kamal_engine.methods import get_method
-        from kamal_engine.runfolder import inspect_run_folder
+        from kamal_engine.runfolder import holder_text, inspect_run_folder, lock_holder
 
         if self.session.start_blockers() or self.train_page.is_running():
             return
         recipe = self.session.to_recipe()
+        holder = lock_holder(recipe.output_dir)
+        if holder is not None:  # another run (a kamal run in a terminal, another window) is writing there
+            QMessageBox.warning(self, "Output folder in use",
+                                f"{recipe.output_dir} is in use by another run: {holder_text(holder)}. Wait for it "
+                                "to finish or stop it, or choose another output folder on the Data & method page.")
+            return
         info = inspect_run_folder(recipe.output_dir)
         resume = replace = False
         if info.state != "new":

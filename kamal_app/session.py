@@ -60,6 +60,7 @@ class StudioSession(QObject):
         self.unlabeled: Path | None = None
         self.validation: Path | None = None
         self.image_size: int | None = None
+        self.max_damaged = 0.01  # [data] max_damaged: not edited in the app, kept from the recipe
         self.method = "filtered-ka"
         self.params: dict[str, Any] = {}
         # what the user typed for the methods (and chose per mode) they switched away from: kept for
@@ -183,7 +184,7 @@ class StudioSession(QObject):
                       student_checkpoint=self.student_checkpoint if self.student_init == "checkpoint" else None,
                       mode=self.mode,
                       unlabeled=self.unlabeled if self.mode == "data" else None, validation=self.validation,
-                      image_size=self.image_size, method=self.method, params=dict(self.params), onnx=self.onnx,
+                      image_size=self.image_size, max_damaged=self.max_damaged, method=self.method, params=dict(self.params), onnx=self.onnx,
                       opset=self.opset, fp16=self.fp16)
 
     def load_recipe(self, recipe: Recipe, teachers: list[Teacher]) -> None:
@@ -200,6 +201,7 @@ class StudioSession(QObject):
         self.student_checkpoint = recipe.student_checkpoint
         self.mode, self.unlabeled, self.validation = recipe.mode, recipe.unlabeled, recipe.validation
         self.image_size, self.method, self.params = recipe.image_size, recipe.method, dict(recipe.params)
+        self.max_damaged = recipe.max_damaged
         self.onnx, self.opset, self.fp16 = recipe.onnx, recipe.opset, recipe.fp16
         self.notify()
 
@@ -211,7 +213,7 @@ class StudioSession(QObject):
             "run": (self.name, str(self.output_dir), self.device, self.seed, self.precision),
             "student": (self.student_arch, self.student_arch_kwargs, self.student_init, self.student_teacher,
                         str(self.student_checkpoint)),
-            "data": (self.mode, str(self.unlabeled), str(self.validation), self.image_size),
+            "data": (self.mode, str(self.unlabeled), str(self.validation), self.image_size, self.max_damaged),
             "method": (self.method, dict(self.params)),
             "export": (str(self.onnx), self.opset, self.fp16),
         }
@@ -234,7 +236,7 @@ def recipe_text(recipe: Recipe, path: Path) -> str:
 
     copy = Recipe(path, **{k: getattr(recipe, k) for k in (
         "name", "device", "seed", "precision", "student_arch", "student_arch_kwargs", "student_init",
-        "student_teacher", "mode", "image_size", "method", "params", "opset", "fp16")})
+        "student_teacher", "mode", "image_size", "max_damaged", "method", "params", "opset", "fp16")})
     copy.output_dir = rel(recipe.output_dir)
     copy.unlabeled, copy.validation, copy.onnx = rel(recipe.unlabeled), rel(recipe.validation), rel(recipe.onnx)
     copy.student_checkpoint = rel(recipe.student_checkpoint)

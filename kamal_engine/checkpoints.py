@@ -95,8 +95,34 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
 
 
 def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> RawCheckpoint:
-    """Read ``path`` (``torch.save`` file or ``.safetensors``) without running code from it."""
-    path = Path(path)
+    """Read ``path`` (``torch.save`` file or ``.safetensors``) without running code from it.
+
+    Weights holding NaN or Inf are refused (:func:`check_finite`): a model with them predicts nothing
+    useful, and amalgamating it would spread them to the student.
+    """
+    raw = _read_checkpoint(Path(path), trust)
+    if raw.state_dict:
+        check_finite(raw.state_dict, raw.path)
+    return raw
+
+
+def check_finite(state_dict: dict[str, Any], path: Path) -> None:
+    """:class:`CheckpointError` naming the first floating-point tensor holding NaN or Inf, if any."""
+    bad = []
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad.append(key)
+    if bad:
+        first = state_dict[bad[0]]
+        nan, inf = int(torch.isnan(first).sum()), int(torch.isinf(first).sum())
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"holds weights that are not finite numbers: tensor '{bad[0]}' has {nan} NaN and {inf} Inf values of "
+            f"{first.numel()}{more}. The file is damaged, or the model diverged while it was trained; use an "
+            "earlier checkpoint of the model", path)
+
+
+def _read_checkpoint(path: Path, trust: bool) -> RawCheckpoint:
     if not path.exists():
         raise CheckpointError("file not found; check the path", path)
     if path.is_dir():

@@ -392,7 +392,7 @@ def cmd_run(args) -> int:
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         result = run_recipe(recipe, resume=args.resume, restart=args.restart, replace=args.replace,
-                            emit=printer or (lambda event: None), cancel=cancel)
+                            emit=printer or (lambda event: None), cancel=cancel, command=args.command_line)
     except (RunCancelled, KeyboardInterrupt):
         print("kamal: interrupted; the finished blocks are kept: continue with kamal run --resume", file=sys.stderr)
         return 130
@@ -530,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["kamal", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
     except KamalError as exc:

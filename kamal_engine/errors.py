@@ -38,3 +38,19 @@ class UnsafeCheckpointError(CheckpointError):
 
 class DataError(KamalError):
     """An image folder, image file or label file cannot be used."""
+
+
+class DivergedError(KamalError):
+    """The training produced a loss (or weights) that is not a finite number: where, so the run can say it."""
+
+    def __init__(self, message: str, stage: str | None = None, block: int | None = None, step: int | None = None):
+        super().__init__(message)
+        self.stage, self.block, self.step = stage, block, step
+
+
+class DiskFullError(KamalError):
+    """A file could not be written for lack of disk space (or quota); nothing half-written is left."""
+
+
+class OutOfMemoryError(KamalError):
+    """The device ran out of memory; the message suggests a batch size that fits."""

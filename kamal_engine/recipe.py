@@ -109,6 +109,7 @@ class Recipe:
     unlabeled: Path | None = None
     validation: Path | None = None
     image_size: int | None = None
+    max_damaged: float = 0.01  # the share of unreadable unlabeled images a run skips (more stop it)
     # [method]
     method: str = "filtered-ka"
     params: dict[str, Any] = field(default_factory=dict)
@@ -145,7 +146,8 @@ class Recipe:
                               "init": self.student_init, "teacher": self.student_teacher,
                               "checkpoint": self.student_checkpoint}),
             "data": clean({"mode": self.mode, "unlabeled": self.unlabeled, "validation": self.validation,
-                           "image_size": self.image_size}),
+                           "image_size": self.image_size,
+                           "max_damaged": self.max_damaged if self.max_damaged != 0.01 else None}),
             "method": {"id": self.method, **self.params},
             "export": clean({"onnx": self.onnx, "opset": self.opset, "fp16": self.fp16}),
         }
@@ -199,7 +201,7 @@ SECTIONS = {
     "teachers": {"checkpoint", "select", "name", "arch", "arch_kwargs", "labels_file", "labels", "task",
                  "input_size", "mean", "std", "trust"},
     "student": {"arch", "arch_kwargs", "init", "teacher", "checkpoint"},
-    "data": {"mode", "unlabeled", "validation", "image_size"},
+    "data": {"mode", "unlabeled", "validation", "image_size", "max_damaged"},
     "method": None,  # 'id' + the method's own parameters, checked by the method registry
     "export": {"onnx", "opset", "fp16"},
 }
@@ -307,6 +309,11 @@ def parse_recipe(text: str, path: str | os.PathLike | None = None, *, check_file
     if "image_size" in d:
         recipe.image_size = _check(d["image_size"], lambda v: _is_int(v) and v > 0, "a positive integer",
                                    recipe, "data", "image_size")
+
+    if "max_damaged" in d:
+        recipe.max_damaged = float(_check(d["max_damaged"], lambda v: isinstance(v, (int, float)) and not isinstance(
+            v, bool) and 0 <= v <= 1, "a share from 0 to 1 (0.01: up to 1 % of the images may be unreadable)",
+            recipe, "data", "max_damaged"))
 
     m = data.get("method", {})
     recipe.method = _check(m.get("id", "filtered-ka"), _is_str, "a method id", recipe, "method", "id")

@@ -17,12 +17,19 @@ state         starting a fresh run there
 ============  =====================================================================================
 
 Moving aside is one ``rename`` in the same parent folder: it is atomic, and it loses nothing.
+
+One run at a time: a run holds ``.kamal-run.lock`` (:class:`RunLock`, an OS file lock, so a killed
+process never leaves it held) from its start to its end; a second run on that folder, from the CLI
+or the app, is refused with the process that holds it. The file names that process (pid, command,
+host, start time); when its process is gone, the next run takes the lock over and says so.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +37,11 @@ from pathlib import Path
 from .errors import KamalError
 
 MANIFEST = ".kamal-run.json"
+LOCK = ".kamal-run.lock"
 MANIFEST_FORMAT = "kamal-run"
 CHECKPOINT_FORMAT = "kamal-run-checkpoint"
 #: names a run writes in its folder (anything else there came from elsewhere)
-RUN_ENTRIES = (MANIFEST, "checkpoints", "metrics.csv", "recipe.toml", "student.kamal.pt", "report.json",
+RUN_ENTRIES = (MANIFEST, LOCK, "checkpoints", "metrics.csv", "recipe.toml", "student.kamal.pt", "report.json",
                "components", "student.onnx")
 
 
@@ -80,7 +88,7 @@ def inspect_run_folder(folder: str | Path) -> RunFolder:
         return RunFolder(folder, "new")
     if not folder.is_dir():
         return RunFolder(folder, "foreign", [folder.name])
-    entries = sorted(p.name for p in folder.iterdir())
+    entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
     if not entries:
         return RunFolder(folder, "new")
     checkpoint = _checkpoint(folder / "checkpoints" / "last.pt")
@@ -88,7 +96,7 @@ def inspect_run_folder(folder: str | Path) -> RunFolder:
         (folder / "report.json").is_file() and (folder / "student.kamal.pt").is_file())
     foreign = [name for name in entries if name not in RUN_ENTRIES]
     if not ours:
-        return RunFolder(folder, "foreign", [name for name in entries if name != MANIFEST][:5])
+        return RunFolder(folder, "foreign", [name for name in entries if name not in (MANIFEST, LOCK)][:5])
     if checkpoint is not None and not checkpoint.get("finished", False):
         return RunFolder(folder, "unfinished", foreign[:5], resumable=True)
     if (folder / "report.json").is_file() or (checkpoint is not None and checkpoint.get("finished")):
@@ -161,6 +169,21 @@ def claim_run_folder(folder: str | Path, *, restart: bool = False, replace: bool
     return None if info.state == "new" else move_aside(Path(folder))
 
 
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Remove the temporary files a killed run left mid-write (``.<name>.<random>.part`` of the run's own
+    outputs, as :func:`~kamal_engine.checkpoints.atomic_write` names them). Returns what was removed."""
+    removed = []
+    for place in (folder, folder / "checkpoints"):
+        if not place.is_dir():
+            continue
+        for path in place.glob(".*.part"):
+            name = path.name[1:].rsplit(".", 2)[0]  # ".last.pt.k3j2_x.part" -> "last.pt"
+            if path.is_file() and (name in RUN_ENTRIES or place.name == "checkpoints"):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def write_manifest(folder: Path, **info) -> None:
     """``.kamal-run.json``: marks ``folder`` as a run's own (written first, atomically)."""
     from .checkpoints import atomic_write
@@ -168,3 +191,185 @@ def write_manifest(folder: Path, **info) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     data = {"format": MANIFEST_FORMAT, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **info}
     atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+# --- one run per folder ----------------------------------------------------------------------------
+
+try:  # POSIX
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+except ImportError:  # Windows: a byte-range lock on the file's first byte (also released when a process dies)
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
+def holder_text(info: dict) -> str:
+    """``process 1234 (kamal run r.toml, on host, since 20:10:03)`` from a lock file's contents."""
+    parts = [str(info.get("command") or "a KAmal run")]
+    if info.get("host") and info.get("host") != socket.gethostname():
+        parts.append(f"on {info['host']}")
+    if info.get("started"):
+        parts.append(f"since {info['started']}")
+    return f"process {info.get('pid', '?')} ({', '.join(parts)})"
+
+
+def lock_holder(folder: str | Path) -> dict | None:
+    """Who holds ``folder``'s run lock (the lock file's contents), or None when no live process does."""
+    path = Path(folder) / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if _try_lock(fd):
+            _unlock(fd)
+            return None
+        return _read_lock(path)
+    finally:
+        os.close(fd)
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        data = {}
+    return data if isinstance(data, dict) else {}
+
+
+def _default_command() -> str:
+    """This process's command line, e.g. ``kamal run recipes/r.toml`` or ``kamal-studio``."""
+    return " ".join([Path(sys.argv[0]).name or "python", *sys.argv[1:]]) if sys.argv else "python"
+
+
+def _in_use(folder: Path, info: dict) -> KamalError:
+    return KamalError(f"is in use by another run: {holder_text(info)}. Wait for it to finish or stop it (Ctrl-C "
+                      "where it runs, Cancel in the app), or choose another output folder", folder)
+
+
+class RunLock:
+    """``<folder>/.kamal-run.lock``, held while a run writes the folder (:meth:`acquire`, :meth:`release`).
+
+    The OS holds the lock for the process, so a run killed with ``kill -9`` leaves the file but not the
+    lock: the next run takes it over (``stale`` then holds what the file said about the dead process).
+    """
+
+    def __init__(self, folder: Path, fd: int, stale: dict | None, command: str, created: bool):
+        self.folder, self.fd, self.stale, self.command, self.created = folder, fd, stale, command, created
+
+    @property
+    def path(self) -> Path:
+        return self.folder / LOCK
+
+    @classmethod
+    def acquire(cls, folder: str | Path, command: str | None = None) -> "RunLock":
+        """Lock ``folder`` (created if missing) for this process, or :class:`KamalError` naming the holder."""
+        folder = Path(folder)
+        command = command or _default_command()
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / LOCK
+        for _ in range(10):  # the file can be removed between open and lock (a run ending): lock the new one
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(fd):
+                os.close(fd)
+                raise _in_use(folder, _read_lock(path))
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except OSError:
+                same = False
+            if same:
+                break
+            _unlock(fd)
+            os.close(fd)
+        else:  # pragma: no cover - needs ten runs ending in the same instant
+            raise KamalError("could not be locked for this run (its lock file kept changing); try again", folder)
+        previous = _read_lock(path)
+        stale = previous if previous.get("pid") not in (None, os.getpid()) else None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": command}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        return cls(folder, fd, stale, command, created)
+
+    def move_aside(self) -> Path:
+        """:func:`move_aside` the locked folder, then lock the new, empty folder at the same path.
+
+        The lock file moves with the old folder; should another run take the new, empty folder first,
+        this run is refused (nothing is lost either way).
+        """
+        target = move_aside(self.folder)
+        old_fd = self.fd
+        try:
+            fresh = RunLock.acquire(self.folder, command=self.command)
+        finally:
+            (target / LOCK).unlink(missing_ok=True)  # our own lock file, held by us until here
+            _unlock(old_fd)
+            os.close(old_fd)
+            self.fd = None
+        self.fd = fresh.fd
+        return target
+
+    def release(self) -> None:
+        """Remove the lock file (while holding it, so no run can lock the removed file) and unlock; a
+        folder this lock created and nothing else was written to goes too."""
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        _unlock(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        if self.created:
+            try:
+                self.folder.rmdir()  # only when empty
+            except OSError:
+                pass
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_run_folder(folder: str | Path, *, resume: bool = False, restart: bool = False, replace: bool = False,
+                    command: str | None = None) -> tuple[RunLock, RunFolder]:
+    """Lock ``folder`` for a run: refused when another run holds it, then by :func:`check_run_folder`
+    (unless ``resume``), checked before anything is written and once more under the lock."""
+    folder = Path(folder)
+    holder = lock_holder(folder)
+    if holder is not None:
+        raise _in_use(folder, holder)
+    if not resume:
+        check_run_folder(folder, restart=restart, replace=replace)  # a foreign folder gets no lock file
+    lock = RunLock.acquire(folder, command)
+    try:
+        info = inspect_run_folder(folder) if resume else check_run_folder(folder, restart=restart, replace=replace)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, info

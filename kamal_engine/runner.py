@@ -9,6 +9,7 @@ numbers from its own seed, so a resumed CPU run ends with the same weights as an
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import time
@@ -25,17 +26,18 @@ from .backbones import build_model
 from .checkpoints import atomic_write
 from .data import read_labelled
 from .devices import resolve_device
-from .errors import KamalError
+from .errors import DiskFullError, DivergedError, KamalError, OutOfMemoryError
 from .evaluation import Evaluation, evaluate
 from .events import (CancelToken, Cancelled, Emit, Evaluated, Failed, Finished, LossHistory, Progress, RunCancelled,
-                     RunStarted, StageStarted)
+                     RunStarted, RunWarning, StageStarted)
 from .export import export_onnx
 from .methods import get_method, resolve_params
 from .methods.common import RunContext
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .profile import count_flops, count_parameters
 from .recipe import Recipe
-from .runfolder import CHECKPOINT_FORMAT, check_run_folder, inspect_run_folder, move_aside, write_manifest
+from .runfolder import (CHECKPOINT_FORMAT, holder_text, inspect_run_folder, lock_run_folder, remove_partial_writes,
+                        write_manifest)
 from .selection import TaskSelection
 from .targetnet import Student
 from .teacher import load_pretrained
@@ -72,6 +74,12 @@ class Checkpointer:
         return self._state
 
     def save(self, state: dict[str, Any], finished: bool = False) -> None:
+        """Write ``state`` atomically; weights that turned NaN/Inf are never saved over the last good ones."""
+        bad = _non_finite(state)
+        if bad:
+            raise DivergedError(f"the training diverged: the weights to checkpoint ({bad}) are not finite numbers "
+                                f"at step {state.get('step', '?')}; the previous checkpoint is kept",
+                                step=state.get("step"))
         self._state = state
         data = {"format": CHECKPOINT_FORMAT, "method": self.method, "finished": finished, "state": state,
                 "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
@@ -84,6 +92,18 @@ class Checkpointer:
     def is_unfinished(self) -> bool:
         data = self._read()
         return data is not None and not data.get("finished", False)
+
+
+def _non_finite(value, name: str = "") -> str | None:
+    """The name of the first floating-point tensor in ``value`` (nested dicts/lists) holding NaN or Inf."""
+    if isinstance(value, torch.Tensor):
+        return name or "a tensor" if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{name}.{key}" if name else str(key))
+        if found:
+            return found
+    return None
 
 
 @dataclass
@@ -140,8 +160,11 @@ def _clean(value):
 
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, replace: bool = False,
-               emit: Emit | None = None, cancel: CancelToken | None = None) -> RunResult:
+               emit: Emit | None = None, cancel: CancelToken | None = None, command: str | None = None) -> RunResult:
     """Run ``recipe``; report through ``emit``; stop between steps once ``cancel`` is set.
+
+    ``command`` says who runs it, for a second run refused on the folder (default: this process's
+    command line).
 
     A fresh run (not ``resume``) starts only in a folder of its own (:mod:`~kamal_engine.runfolder`):
     ``restart`` moves an unfinished run there aside, ``replace`` a finished one; a folder with files
@@ -153,7 +176,18 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, r
     emit = emit or (lambda event: None)
     cancel = cancel or CancelToken()
     try:
-        return _run(recipe, resume, restart, replace, emit, cancel)
+        try:
+            return _run(recipe, resume, restart, replace, emit, cancel, command)
+        except DivergedError as exc:
+            raise explain_divergence(exc, recipe) from None
+        except torch.cuda.OutOfMemoryError as exc:
+            raise explain_out_of_memory(exc, recipe) from None
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            raise DiskFullError(f"the disk is full (or over quota) while writing {exc.filename or 'a file'} for the run "
+                                f"in {recipe.output_dir}; free some space, then continue with --resume (Start → Resume "
+                                "in the app): the last checkpoint is intact and no file is left half-written") from None
     except RunCancelled:
         emit(Cancelled("the finished blocks are kept"))
         raise
@@ -165,7 +199,59 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, r
         raise
 
 
-def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit, cancel: CancelToken) -> RunResult:
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _last_checkpoint(out: Path) -> dict | None:
+    """The state saved in ``out``'s run checkpoint (for an error message), or None."""
+    try:
+        data = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+        return data["state"]
+    except Exception:  # noqa: BLE001 - none yet, or unreadable: the message says so
+        return None
+
+
+def explain_divergence(exc: DivergedError, recipe: Recipe) -> DivergedError:
+    """``exc`` with what is kept and what to do: the last good checkpoint, and a lower ``lr``."""
+    state = _last_checkpoint(recipe.output_dir)
+    kept = (f"The last good checkpoint (step {state.get('step', '?')}) is kept in "
+            f"{recipe.output_dir / 'checkpoints' / 'last.pt'}" if state else "No block had finished, so no checkpoint "
+            "was written")
+    lr = recipe.params.get("lr")
+    hint = f"lower [method] lr (now {lr}), for example to {lr / 10:g}," if isinstance(lr, (int, float)) else \
+        "lower [method] lr (for example ten times)"
+    return DivergedError(f"{exc}. {kept}. To go on, {hint} and start over (kamal run --restart, or Start → Start "
+                         "over in the app)", exc.stage, exc.block, exc.step)
+
+
+def fitting_batch_size(batch: int, peak: int, request: int, free: int) -> int:
+    """A batch size that fits when ``batch`` needed ``peak`` bytes plus a ``request`` that failed while
+    ``free`` bytes were left: memory grows about linearly with the batch, and 10 % is kept in reserve;
+    when that estimate is no smaller (the memory was fragmented, not short), half the batch."""
+    estimate = int(batch * 0.9 * (peak + free) / max(1, peak + request))
+    return max(1, estimate if estimate < batch else batch // 2)
+
+
+def explain_out_of_memory(exc: BaseException, recipe: Recipe) -> OutOfMemoryError:
+    """CUDA ran out of memory: the batch size that would fit (:func:`fitting_batch_size`)."""
+    import re
+
+    batch = recipe.params.get("batch_size")
+    suggestion = "lower [method] batch_size"
+    if isinstance(batch, int) and torch.cuda.is_available():
+        found = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)", str(exc))
+        request = float(found.group(1)) * {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}[found.group(2)] if found \
+            else 0
+        peak = torch.cuda.max_memory_allocated()
+        free = torch.cuda.mem_get_info()[0]
+        suggestion = f"set [method] batch_size = {fitting_batch_size(batch, peak, int(request), free)} (now {batch})"
+    return OutOfMemoryError(f"the GPU ran out of memory during the run in {recipe.output_dir}; {suggestion} and "
+                            "start over (--restart), or close other programs using the GPU and continue with --resume "
+                            "(the last checkpoint is intact)")
+
+
+def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit, cancel: CancelToken,
+         command: str | None = None) -> RunResult:
     started = time.monotonic()
     try:
         method = get_method(recipe.method)
@@ -187,8 +273,19 @@ def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit,
     if resume and not checkpointer.path.exists():
         raise KamalError(f"there is no checkpoint to resume from in {out} (no block of a run there has "
                          "finished); start over with --restart instead of --resume")
-    if not resume:  # refused early; the folder is claimed once the recipe's inputs have loaded
-        folder = check_run_folder(out, restart=restart, replace=replace)
+    # one run per folder; a fresh run is refused early by the folder rule, and claims the folder (moving an
+    # earlier run aside) only once the recipe's inputs have loaded
+    lock, folder = lock_run_folder(out, resume=resume, restart=restart, replace=replace, command=command)
+    try:
+        return _run_locked(recipe, method, params, checkpointer, lock, folder, resume, emit, cancel, started)
+    finally:
+        lock.release()
+
+
+def _run_locked(recipe, method, params, checkpointer, lock, folder, resume, emit, cancel, started) -> RunResult:
+    """The run itself, in its locked output folder."""
+    out = recipe.output_dir
+    remove_partial_writes(out)  # a killed run's half-written temporary files (never the files they replace)
     resumed = checkpointer.load() if resume else None
 
     seed_everything(recipe.seed)
@@ -198,20 +295,27 @@ def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit,
     student_model, arch, kwargs, student_pre = build_student(recipe, selection)
     moved = None
     if not resume:  # the folder is the run's own: an earlier run is moved aside, a foreign folder refused
-        moved = None if folder.state == "new" else move_aside(out)
+        moved = None if folder.state == "new" else lock.move_aside()
         write_manifest(out, engine_version=__version__, method=method.id, recipe=recipe.name)
     atomic_write(out / "recipe.toml", lambda tmp: tmp.write_text(recipe.to_toml()))
     emit(RunStarted(recipe.name, method.id, str(device), str(out), 0,
                     resumed_from=str(checkpointer.path) if resumed else None,
                     moved_aside=str(moved) if moved else None))
+    if lock.stale:
+        emit(RunWarning(f"the run folder's lock was left by {holder_text(lock.stale)}, which is no longer running "
+                        "(killed or crashed); this run took it over"))
 
     size = max(max(t.preprocessing.input_size) for t in teachers)
     size = (max(size, max(student_pre.input_size)),) * 2
     images, targets = None, None
     if recipe.unlabeled:  # data mode; a data-free run has no images to load or predict on
         emit(StageStarted("load-images"))
-        images = UnlabeledImages.from_folder(recipe.unlabeled, size, cancel=cancel,
+        images = UnlabeledImages.from_folder(recipe.unlabeled, size, cancel=cancel, max_damaged=recipe.max_damaged,
                                              progress=lambda done, total: emit(Progress("load-images", done, total)))
+        if images.damaged:
+            shown = "; ".join(f"{p} ({why})" for p, why in images.damaged[:3])
+            emit(RunWarning(f"{len(images.damaged)} of {len(images) + len(images.damaged)} unlabeled images cannot be "
+                            f"read and are skipped: {shown}" + (" …" if len(images.damaged) > 3 else "")))
         if method.soft_targets:  # adaptive-ka runs its teachers during training (features too)
             emit(StageStarted("teacher-targets"))
             targets = teacher_targets(selection, images.images, device, cancel=cancel)
@@ -244,6 +348,9 @@ def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit,
         **result.report,
         "targetnet": student.net.describe(),
     }
+    if images is not None:
+        report["data"] = {"images": len(images), "damaged": len(images.damaged),
+                          "damaged_files": [{"path": str(p), "error": why} for p, why in images.damaged[:100]]}
     size_s = student_pre.input_size
     report["size"] = {
         "student": {"parameters": count_parameters(student.net),

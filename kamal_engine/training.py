@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import atomic_write
 from .data import list_images, load_image
-from .errors import KamalError
+from .errors import DataError, DivergedError, KamalError
 from .events import CancelToken, Emit, StepLosses
 from .selection import Task, TaskSelection
 
@@ -29,15 +30,22 @@ MAX_CACHED_BYTES = 4 * 1024**3
 
 
 class UnlabeledImages:
-    """The unlabeled training images, decoded once into memory as uint8 ``(N, 3, S, S)``."""
+    """The unlabeled training images, decoded once into memory as uint8 ``(N, 3, S, S)``.
 
-    def __init__(self, images: torch.Tensor, paths: Sequence[Path] | None = None):
+    ``damaged`` lists the files that could not be read and were skipped (:meth:`from_folder`).
+    """
+
+    def __init__(self, images: torch.Tensor, paths: Sequence[Path] | None = None,
+                 damaged: Sequence[tuple[Path, str]] = ()):
         self.images = images
         self.paths = list(paths or [])
+        self.damaged = list(damaged)
 
     @classmethod
     def from_folder(cls, folder, size: Sequence[int], progress: Callable[[int, int], None] | None = None,
-                    cancel: CancelToken | None = None) -> "UnlabeledImages":
+                    cancel: CancelToken | None = None, max_damaged: float = 0.01) -> "UnlabeledImages":
+        """Decode every image under ``folder``; a damaged one is skipped (and listed in ``damaged``) unless
+        more than ``max_damaged`` (a share, 0.01 = 1 %) of them are, which is a :class:`DataError`."""
         paths = list_images(folder)
         need = len(paths) * 3 * size[0] * size[1]
         if need > MAX_CACHED_BYTES:
@@ -45,13 +53,27 @@ class UnlabeledImages:
                              f"than the {MAX_CACHED_BYTES / 1024**3:.0f} GiB this version holds; use a smaller image "
                              "size or fewer images", folder)
         images = torch.empty(len(paths), 3, *size, dtype=torch.uint8)
+        kept: list[Path] = []
+        damaged: list[tuple[Path, str]] = []
         for i, path in enumerate(paths):
-            images[i] = load_image(path, size)
+            try:
+                images[len(kept)] = load_image(path, size)
+                kept.append(path)
+            except DataError as exc:
+                damaged.append((path, str(exc).removeprefix(f"{path}: ")))
+                if len(damaged) > max_damaged * len(paths):
+                    raise DataError(
+                        f"{len(damaged)} of the {i + 1} images read so far cannot be read, more than the "
+                        f"{max_damaged:.1%} a run skips ([data] max_damaged); the first: {damaged[0][0]} "
+                        f"({damaged[0][1]}). Check the folder (a copy that did not finish?), or raise max_damaged",
+                        folder) from None
             if progress and (i % 256 == 255 or i == len(paths) - 1):
                 progress(i + 1, len(paths))
             if cancel is not None and i % 256 == 0:
                 cancel.check()
-        return cls(images, paths)
+        if not kept:
+            raise DataError("holds no readable image", folder)
+        return cls(images[:len(kept)].clone() if damaged else images, kept, damaged)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -153,16 +175,44 @@ class MetricsLog:
     FIELDS = ["step", "stage", "block", "epoch", "teacher", "task", "name", "value"]
 
     def __init__(self, path: Path, keep_until_step: int | None = None):
+        """A new log at ``path``; or, resuming, the rows up to ``keep_until_step`` kept and appended to.
+
+        A run appends rows as it goes; a killed run may leave a torn last row, which resuming drops:
+        the kept rows are first rewritten atomically, so a kill at any moment loses no finished row.
+        """
         self.path = path
         rows = []
         if keep_until_step is not None and path.exists():  # resuming: drop what came after the checkpoint
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
+            rows = [r for r in self.read(path) if int(r["step"]) <= keep_until_step]
+            atomic_write(path, lambda tmp: self._write_all(tmp, rows))
+            self.file = open(path, "a", newline="")
+        else:
+            self.file = open(path, "w", newline="")
+            csv.DictWriter(self.file, fieldnames=self.FIELDS).writeheader()
         self.kept = rows  # the rows of the finished part of a resumed run (:meth:`history`)
-        self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
+
+    @classmethod
+    def read(cls, path: Path) -> list[dict[str, str]]:
+        """The complete rows of ``path`` (a torn or garbled row, as a kill mid-write leaves, is skipped)."""
+        rows = []
+        with open(path, newline="", errors="replace") as f:
+            for r in csv.DictReader(f):
+                try:
+                    int(r["step"]), float(r["value"])
+                    int(r["epoch"])
+                except (TypeError, ValueError, KeyError):
+                    continue
+                if r.get(None) is None and all(r.get(k) is not None for k in cls.FIELDS):
+                    rows.append(r)
+        return rows
+
+    @classmethod
+    def _write_all(cls, path: Path, rows: list[dict[str, str]]) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=cls.FIELDS)
+            writer.writeheader()
+            writer.writerows({k: r[k] for k in cls.FIELDS} for r in rows)
 
     def history(self) -> list[StepLosses]:
         """The kept rows as one :class:`StepLosses` per step (for :class:`LossHistory`)."""
@@ -197,6 +247,13 @@ class LoopState:
     started: float = 0.0
 
 
+def diverged(losses: dict[str, float], stage: str, block: int | None, step: int) -> DivergedError:
+    """The error for a non-finite loss: which losses, in which stage, block and step."""
+    bad = ", ".join(f"'{k}' is {v}" for k, v in losses.items() if not math.isfinite(v))
+    where = f"stage '{stage}'" + (f", block {block}" if block is not None else "") + f", step {step}"
+    return DivergedError(f"the training diverged in {where}: {bad}", stage, block, step)
+
+
 class StepLoop:
     """Runs step functions, reporting losses, throughput and ETA, and honouring cancellation."""
 
@@ -217,9 +274,7 @@ class StepLoop:
             self.cancel.check()
             losses = step_fn(idx)
             if not all(math.isfinite(v) for v in losses.values()):
-                bad = ", ".join(k for k, v in losses.items() if not math.isfinite(v))
-                raise KamalError(f"the training diverged at step {self.state.step + 1} ({bad} is not finite); "
-                                 "lower the learning rate in [method] and run again")
+                raise diverged(losses, stage, block, self.state.step + 1)
             s = self.state
             s.step += 1
             s.images_seen += len(idx)

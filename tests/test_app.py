@@ -1,5 +1,6 @@
 """The desktop app (pytest-qt, offscreen): teachers, labels, data & method, recipes, drop, errors, Start."""
 
+import os
 import shutil
 
 import pytest
@@ -767,3 +768,31 @@ def test_log_ticks_are_few_and_plain_numbers():
     assert len(values) >= 2 and all(-0.6 <= v <= -0.2 for v in values)
     ((_, values),) = axis.logTickValues(-30.0, 5.0, 100, [])  # many decades on a short axis: thinned
     assert len(values) <= 100 / line
+
+
+def test_a_killed_training_process_is_reported_with_its_signal_and_resume_continues(window, quick_demo, tmp_path,
+                                                                                   qtbot, monkeypatch):
+    import multiprocessing
+    import signal
+
+    root, _ = quick_demo
+    out = tmp_path / "gui-killed"
+    _tiny_demo_window(window, root, out)
+    page = window.train_page
+    shown = []
+    monkeypatch.setattr(dialogs, "show_error", lambda parent, title, exc: shown.append((title, str(exc))))
+    window.start_button.click()
+    qtbot.waitUntil(lambda: "knowledge reproduced at b1" in page.log.toPlainText(), timeout=60000)
+    qtbot.waitUntil(lambda: (out / "checkpoints" / "last.pt").exists(), timeout=30000)
+    children = [c for c in multiprocessing.active_children() if c.name == "kamal-engine"]
+    assert len(children) == 1
+    os.kill(children[0].pid, signal.SIGKILL)
+    qtbot.waitUntil(lambda: not page.is_running(), timeout=10000)
+    assert page.stage.text() == "Failed."
+    assert "killed by signal SIGKILL (9)" in page.log.toPlainText()
+    assert shown and "SIGKILL" in shown[0][1] and "Start → Resume continues the run" in shown[0][1]
+    assert window.start_button.isEnabled()  # the window stays usable
+    answer = Answer("Resume")  # Start offers Resume: the finished blocks are kept
+    window.start_button.click()
+    assert answer.done and not answer.errors and "unfinished run" in answer.seen[0]
+    _run_to_the_end(window, qtbot)
