@@ -45,7 +45,32 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def check_zip(path: Path) -> None:
+    """A ``torch.save`` file is a zip archive whose every part carries a CRC-32 checksum; ``torch.load``
+    does not look at them, so a flipped byte inside the weights would load as a silently different model.
+    Every part is read once and checked here (parts written without a checksum, CRC 0, are skipped)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 or info.is_dir():
+                    continue
+                with archive.open(info) as part:  # raises BadZipFile at the end of a part whose CRC differs
+                    while part.read(1 << 22):
+                        pass
+    except zipfile.BadZipFile as exc:
+        text = str(exc)
+        found = re.search(r"Bad CRC-32 for file '([^']+)'", text)
+        what = f"its part '{found.group(1)}' does not match its checksum" if found else f"{text.rstrip('.')}"
+        raise CheckpointError(f"is damaged ({what}; a copy or download went wrong); save or copy it again",
+                              path) from None
+    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        raise CheckpointError(f"is truncated or corrupt ({type(exc).__name__}: {exc}); save or copy it again",
+                              path) from None
+
+
 def _torch_load(path: Path, trust: bool) -> Any:
+    if zipfile.is_zipfile(path):
+        check_zip(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -101,6 +126,13 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> RawCheck
     useful, and amalgamating it would spread them to the student.
     """
     raw = _read_checkpoint(Path(path), trust)
+    if raw.kind == "bundle":
+        weights = raw.bundle.get("state_dict")  # a missing one is told by the bundle's reader, with its fields
+        weights = weights if isinstance(weights, dict) else {}
+        wrong = next((k for k, v in weights.items() if not isinstance(v, torch.Tensor)), None)
+        if wrong is not None:
+            raise CheckpointError(f"is a damaged KAmal bundle: its weights hold a {type(weights[wrong]).__name__}, "
+                                  f"not a tensor, under '{wrong}'; save or copy it again", raw.path)
     if raw.state_dict:
         check_finite(raw.state_dict, raw.path)
     return raw

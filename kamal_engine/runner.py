@@ -305,6 +305,7 @@ def _run_locked(recipe, method, params, checkpointer, lock, folder, resume, emit
         emit(RunWarning(f"the run folder's lock was left by {holder_text(lock.stale)}, which is no longer running "
                         "(killed or crashed); this run took it over"))
 
+    validation = read_labelled(recipe.validation) if recipe.validation else None  # a bad one refused before training
     size = max(max(t.preprocessing.input_size) for t in teachers)
     size = (max(size, max(student_pre.input_size)),) * 2
     images, targets = None, None
@@ -319,8 +320,6 @@ def _run_locked(recipe, method, params, checkpointer, lock, folder, resume, emit
         if method.soft_targets:  # adaptive-ka runs its teachers during training (features too)
             emit(StageStarted("teacher-targets"))
             targets = teacher_targets(selection, images.images, device, cancel=cancel)
-
-    validation = read_labelled(recipe.validation) if recipe.validation else None
 
     def evaluate_net(net) -> Evaluation:
         student = Student(net, student_pre, arch, kwargs, "stage", method.id)

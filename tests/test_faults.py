@@ -144,11 +144,13 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_process(quick_dem
     wait_for(first, lambda lines: "converged loss at b1" in lines[-1])  # the lock is held from the start
     holder = lock_holder(out)
     assert holder and holder["pid"] == first.pid and "run" in holder["command"]
-    seconds = [kamal("run", str(recipe), *flags) for flags in ((), ("--resume",), ("--restart",), ("--replace",))]
-    for second in seconds:
-        _, err = second.communicate(timeout=120)
-        assert second.returncode == 2, err
-        assert f"is in use by another run: process {first.pid}" in err and "choose another output folder" in err
+    second = kamal("run", str(recipe), "--replace")  # the command line: exit code 2 and the sentence
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2, err
+    assert f"is in use by another run: process {first.pid}" in err and "choose another output folder" in err
+    for flags in ({}, {"resume": True}, {"restart": True}):  # every way in is refused alike
+        with pytest.raises(KamalError, match=f"is in use by another run: process {first.pid}"):
+            run_recipe(load_recipe(recipe), **flags)
     assert first.poll() is None  # still running, untouched
     # the app refuses before it asks anything
     from PySide6.QtCore import QSettings
