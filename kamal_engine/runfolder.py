@@ -60,7 +60,7 @@ class RunFolder:
         return self.state in ("unfinished", "finished")
 
 
-def _checkpoint(path: Path) -> dict | None:
+def read_run_checkpoint(path: Path) -> dict | None:
     """``checkpoints/last.pt`` when it is a run's checkpoint (not a user's file of the same name)."""
     if not path.is_file():
         return None
@@ -91,7 +91,7 @@ def inspect_run_folder(folder: str | Path) -> RunFolder:
     entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
     if not entries:
         return RunFolder(folder, "new")
-    checkpoint = _checkpoint(folder / "checkpoints" / "last.pt")
+    checkpoint = read_run_checkpoint(folder / "checkpoints" / "last.pt")
     ours = _manifest(folder) is not None or checkpoint is not None or (
         (folder / "report.json").is_file() and (folder / "student.kamal.pt").is_file())
     foreign = [name for name in entries if name not in RUN_ENTRIES]
@@ -178,7 +178,7 @@ def remove_partial_writes(folder: Path) -> list[Path]:
             continue
         for path in place.glob(".*.part"):
             name = path.name[1:].rsplit(".", 2)[0]  # ".last.pt.k3j2_x.part" -> "last.pt"
-            if path.is_file() and (name in RUN_ENTRIES or place.name == "checkpoints"):
+            if path.is_file() and name in (("last.pt",) if place.name == "checkpoints" else RUN_ENTRIES):
                 path.unlink()
                 removed.append(path)
     return removed

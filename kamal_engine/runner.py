@@ -36,8 +36,8 @@ from .methods.common import RunContext
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .profile import count_flops, count_parameters
 from .recipe import Recipe
-from .runfolder import (CHECKPOINT_FORMAT, holder_text, inspect_run_folder, lock_run_folder, remove_partial_writes,
-                        write_manifest)
+from .runfolder import (CHECKPOINT_FORMAT, holder_text, inspect_run_folder, lock_run_folder,
+                        read_run_checkpoint, remove_partial_writes, write_manifest)
 from .selection import TaskSelection
 from .targetnet import Student
 from .teacher import load_pretrained
@@ -202,18 +202,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, r
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
-def _last_checkpoint(out: Path) -> dict | None:
-    """The state saved in ``out``'s run checkpoint (for an error message), or None."""
-    try:
-        data = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-        return data["state"]
-    except Exception:  # noqa: BLE001 - none yet, or unreadable: the message says so
-        return None
-
-
 def explain_divergence(exc: DivergedError, recipe: Recipe) -> DivergedError:
     """``exc`` with what is kept and what to do: the last good checkpoint, and a lower ``lr``."""
-    state = _last_checkpoint(recipe.output_dir)
+    state = (read_run_checkpoint(recipe.output_dir / "checkpoints" / "last.pt") or {}).get("state")
     kept = (f"The last good checkpoint (step {state.get('step', '?')}) is kept in "
             f"{recipe.output_dir / 'checkpoints' / 'last.pt'}" if state else "No block had finished, so no checkpoint "
             "was written")
