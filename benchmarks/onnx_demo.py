@@ -27,10 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kamal_engine import demo  # noqa: E402
 from kamal_engine.data import load_images, read_labelled  # noqa: E402
-from kamal_engine.export import export_onnx  # noqa: E402
+from kamal_engine.onnx.export import export_onnx  # noqa: E402
 from kamal_engine.recipe import load_recipe  # noqa: E402
-from kamal_engine.runner import evaluate_student, run_recipe  # noqa: E402
-from kamal_engine.runtime import compare_latency, latency_runners, load_onnx  # noqa: E402
+from kamal_engine.evaluation import evaluate_student  # noqa: E402
+from kamal_engine.runner import run_recipe  # noqa: E402
+from kamal_engine.onnx.runtime import compare_latency, latency_runners, load_onnx  # noqa: E402
 from kamal_engine.targetnet import load_student  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

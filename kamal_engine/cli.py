@@ -142,10 +142,10 @@ def cmd_eval(args) -> int:
     from .data import read_labelled
     from .devices import resolve_device
     from .evaluation import evaluate_teacher
-    from .runner import evaluate_student
+    from .evaluation import evaluate_student
     from .targetnet import STUDENT_FORMAT, student_from_bundle
 
-    from .runtime import is_onnx_path, load_onnx
+    from .onnx.runtime import is_onnx_path, load_onnx
 
     if is_onnx_path(args.model):
         data = read_labelled(args.data)
@@ -185,7 +185,7 @@ def _provider_for_device(device: str) -> str:
 # --- kamal export / predict ----------------------------------------------------------------------
 
 def cmd_export(args) -> int:
-    from .export import export_onnx
+    from .onnx.export import export_onnx
     from .targetnet import load_student
 
     student = load_student(args.student)
@@ -208,7 +208,7 @@ def cmd_predict(args) -> int:
     import torch
 
     from .data import load_image
-    from .runtime import load_predictor, positive_labels
+    from .onnx.runtime import load_predictor, positive_labels
 
     if not 0.0 <= args.threshold <= 1.0:
         raise KamalError(f"--threshold must be between 0 and 1, got {args.threshold}")

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 
 from .data import LabelledSet, batches
-from .errors import DataError
+from .errors import DataError, KamalError
 from .metrics import mean_ap, per_label_ap, top1_accuracy
+from .selection import TaskSelection
+from .targetnet import Student
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, 3, H, W) -> probabilities (N, L)
 
@@ -83,3 +85,44 @@ def evaluate_teacher(teacher, data: LabelledSet, batch_size: int = 64, device: t
     teacher.model.to(device)
     return evaluate(teacher.predict, teacher.labels, teacher.task, teacher.preprocessing.input_size, data,
                     batch_size, progress)
+
+
+def evaluate_student(student, data, device=None) -> Evaluation:
+    """A student on ``data``: its outputs whose task type matches the data (CSV: multi-label ones).
+
+    ``student`` is a :class:`Student` (moved to ``device``) or any predictor with ``labels``,
+    ``groups``, ``preprocessing`` and ``predict`` (e.g. an exported ``.onnx`` in ONNX Runtime).
+    """
+    if isinstance(student, Student) and device is not None:
+        student.net.to(device)
+    positions = [p for g in student.groups if g.kind == data.task for p in g.positions]
+    if data.task == "multiclass" and len({g.name for g in student.groups if g.kind == "multiclass"}) > 1:
+        raise KamalError("the student has several multi-class tasks; a class-folder set can evaluate only one",
+                         data.source)
+    if not positions:
+        kind = "multi-label" if data.task == "multilabel" else "multi-class"
+        raise KamalError(f"is a {kind} set but the student has no {kind} outputs", data.source)
+    index = torch.tensor(positions)
+    labels = [student.labels[p] for p in positions]
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        probabilities = student.predict(x)
+        return probabilities[:, index.to(probabilities.device)]
+
+    return evaluate(predict, labels, data.task,
+                    student.preprocessing.input_size, data)
+
+
+def evaluate_teacher_on_selection(teacher, selection: TaskSelection, n: int, data, device) -> Evaluation:
+    """A teacher on the labels selected from it (its AP does not depend on the other outputs)."""
+    covered = selection.covered_by(n)
+    outputs = [o for _, columns in covered for o in columns]
+    labels = [label for t, _ in covered for label in t.labels]
+    teacher.model.to(device)
+    if teacher.task == "multiclass" and data.task == "multiclass":
+        def predict(x):
+            logits = teacher.model(teacher.preprocessing(x.to(device)))[:, outputs]
+            return torch.softmax(logits, 1)
+        with torch.no_grad():
+            return evaluate(predict, labels, "multiclass", teacher.preprocessing.input_size, data)
+    return evaluate(lambda x: teacher.predict(x)[:, outputs], labels, teacher.task, teacher.preprocessing.input_size, data)

@@ -27,10 +27,10 @@ from .checkpoints import atomic_write
 from .data import read_labelled
 from .devices import resolve_device
 from .errors import DiskFullError, DivergedError, KamalError, OutOfMemoryError
-from .evaluation import Evaluation, evaluate
+from .evaluation import Evaluation, evaluate_student, evaluate_teacher_on_selection
 from .events import (CancelToken, Cancelled, Emit, Evaluated, Failed, Finished, LossHistory, Progress, RunCancelled,
                      RunStarted, RunWarning, StageStarted)
-from .export import export_onnx
+from .onnx.export import export_onnx
 from .methods import get_method, resolve_params
 from .methods.common import RunContext
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -378,47 +378,6 @@ def _run_locked(recipe, method, params, checkpointer, lock, folder, resume, emit
     checkpointer.mark_finished()
     emit(Finished(str(out), {**summary, "seconds": report["seconds"]}))
     return RunResult(out, student, report)
-
-
-def evaluate_student(student, data, device=None) -> Evaluation:
-    """A student on ``data``: its outputs whose task type matches the data (CSV: multi-label ones).
-
-    ``student`` is a :class:`Student` (moved to ``device``) or any predictor with ``labels``,
-    ``groups``, ``preprocessing`` and ``predict`` (e.g. an exported ``.onnx`` in ONNX Runtime).
-    """
-    if isinstance(student, Student) and device is not None:
-        student.net.to(device)
-    positions = [p for g in student.groups if g.kind == data.task for p in g.positions]
-    if data.task == "multiclass" and len({g.name for g in student.groups if g.kind == "multiclass"}) > 1:
-        raise KamalError("the student has several multi-class tasks; a class-folder set can evaluate only one",
-                         data.source)
-    if not positions:
-        kind = "multi-label" if data.task == "multilabel" else "multi-class"
-        raise KamalError(f"is a {kind} set but the student has no {kind} outputs", data.source)
-    index = torch.tensor(positions)
-    labels = [student.labels[p] for p in positions]
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        probabilities = student.predict(x)
-        return probabilities[:, index.to(probabilities.device)]
-
-    return evaluate(predict, labels, data.task,
-                    student.preprocessing.input_size, data)
-
-
-def evaluate_teacher_on_selection(teacher, selection: TaskSelection, n: int, data, device) -> Evaluation:
-    """A teacher on the labels selected from it (its AP does not depend on the other outputs)."""
-    covered = selection.covered_by(n)
-    outputs = [o for _, columns in covered for o in columns]
-    labels = [label for t, _ in covered for label in t.labels]
-    teacher.model.to(device)
-    if teacher.task == "multiclass" and data.task == "multiclass":
-        def predict(x):
-            logits = teacher.model(teacher.preprocessing(x.to(device)))[:, outputs]
-            return torch.softmax(logits, 1)
-        with torch.no_grad():
-            return evaluate(predict, labels, "multiclass", teacher.preprocessing.input_size, data)
-    return evaluate(lambda x: teacher.predict(x)[:, outputs], labels, teacher.task, teacher.preprocessing.input_size, data)
 
 
 def has_unfinished_run(output_dir: str | Path) -> bool:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from kamal_engine.bridge import FeatureAlignment, TransferBridge, match_size, paired_block, transfer_loss
+from kamal_engine.methods.bridge import FeatureAlignment, TransferBridge, match_size, paired_block, transfer_loss
 from kamal_engine.errors import KamalError
 from kamal_engine.events import CancelToken, RunCancelled, StepLosses
 from kamal_engine.methods.adaptive_ka import (AmalgamationRound, LogitScale, RoundTask, Source, entropy_impurity,

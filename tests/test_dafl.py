@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from kamal_engine.datafree import activation_loss, information_entropy_loss, one_hot_loss
+from kamal_engine.methods.datafree import activation_loss, information_entropy_loss, one_hot_loss
 from kamal_engine.events import CancelToken, RunCancelled, SamplesGenerated, StepLosses
-from kamal_engine.generators import DCGANGenerator, GeneratedImages
+from kamal_engine.methods.generators import DCGANGenerator, GeneratedImages
 from kamal_engine.preprocessing import Preprocessing
 from kamal_engine.recipe import load_recipe
 from kamal_engine.runner import run_recipe

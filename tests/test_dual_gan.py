@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from kamal_engine.backbones import build_model, split_model
-from kamal_engine.datafree import discrete_loss
+from kamal_engine.methods.datafree import discrete_loss
 from kamal_engine.errors import KamalError
 from kamal_engine.events import BlockConverged, BranchPlanChosen, CancelToken, RunCancelled, SamplesGenerated, StepLosses
 from kamal_engine.filters import build_filter, filter_spec
-from kamal_engine.generators import GroupStackGenerator, group_boundaries
+from kamal_engine.methods.generators import GroupStackGenerator, group_boundaries
 from kamal_engine.recipe import load_recipe
 from kamal_engine.runner import run_recipe
 from kamal_engine.selection import Task

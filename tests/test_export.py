@@ -7,11 +7,12 @@ import onnx
 import pytest
 import torch
 
-from kamal_engine import __version__, export
+from kamal_engine import __version__
+from kamal_engine.onnx import export
 from kamal_engine.cli import main
 from kamal_engine.errors import CheckpointError, KamalError
-from kamal_engine.export import ExportError, export_onnx
-from kamal_engine.runtime import load_onnx, load_predictor
+from kamal_engine.onnx.export import ExportError, export_onnx
+from kamal_engine.onnx.runtime import load_onnx, load_predictor
 from kamal_engine.targetnet import TaskGroup, load_student
 
 

@@ -1,6 +1,6 @@
 """Export & Test page: export the student to ONNX (verified), test it on images, compare latency.
 
-Prediction goes through :func:`kamal_engine.runtime.load_predictor`, the code ``kamal predict``
+Prediction goes through :func:`kamal_engine.onnx.runtime.load_predictor`, the code ``kamal predict``
 uses, so the probabilities shown here are the command's. Export and the latency measurement run in
 worker threads; the page stays responsive.
 """
@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleS
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
 from kamal_engine.data import IMAGE_EXTENSIONS, load_image
-from kamal_engine.export import DEFAULT_OPSET, MIN_OPSET
+from kamal_engine.onnx.format import DEFAULT_OPSET, MIN_OPSET
 
 from ..dialogs import show_error
 from ..workers import WorkerHandle
@@ -155,7 +155,7 @@ class ExportTestPage(QWidget):
 
     # --- export ---
     def export(self) -> None:
-        from kamal_engine.export import export_onnx
+        from kamal_engine.onnx.export import export_onnx
         from kamal_engine.targetnet import load_student
 
         path = self.onnx_edit.path()
@@ -210,7 +210,7 @@ class ExportTestPage(QWidget):
     def predict(self) -> None:
         """Probabilities of every image with the chosen runtime (the code of ``kamal predict``)."""
         from kamal_engine.errors import KamalError
-        from kamal_engine.runtime import load_predictor
+        from kamal_engine.onnx.runtime import load_predictor
 
         if not self.images or self.student_path is None:
             return
@@ -260,7 +260,7 @@ class ExportTestPage(QWidget):
 
     # --- latency ---
     def measure_latency(self) -> None:
-        from kamal_engine.runtime import compare_latency, latency_runners, load_onnx
+        from kamal_engine.onnx.runtime import compare_latency, latency_runners, load_onnx
         from kamal_engine.targetnet import load_student
 
         if self.onnx_path is None or self._busy():

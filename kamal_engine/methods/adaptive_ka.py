@@ -18,7 +18,7 @@ Eq. 8, ``L = Σ_{l<L} (L_a^{l,t_se} + L_reg^{l,t_se}) + L_soft^{t_se}``:
   of its prediction is chosen. For a multi-label output the impurity is the binary entropy of its
   sigmoid; for a multi-class task the entropy of the softmax over the selected classes. Entropies
   are divided by their maximum (ln 2, ln K) so tasks of different kinds compare.
-* **Transfer bridge** (Eq. 1-4, :mod:`kamal_engine.bridge`) at every student block, paired with
+* **Transfer bridge** (Eq. 1-4, :mod:`kamal_engine.methods.bridge`) at every student block, paired with
   the selected teacher's block of the same relative depth. The head (pooling + classifier) is the
   L-th block, whose output is the score vector of Eq. 7.
 * **Soft-target loss with a learnable scale** (Eq. 7): ``1/C_cls ||F_s − λ_t F_t||²`` on the logits.
@@ -55,7 +55,7 @@ from torch import nn
 
 from ..backbones import build_model, split_model
 from ..backbones.blocks import BlockNet
-from ..bridge import TransferBridge, paired_block
+from .bridge import TransferBridge, paired_block
 from ..errors import KamalError
 from ..events import StageStarted
 from ..preprocessing import Preprocessing

@@ -1,10 +1,10 @@
 """``dafl``: data-free learning of a student network (Chen et al., ICCV 2019), for several teachers.
 
 Algorithm 1 of ``dafl-iccv2019.txt``: the fixed teachers act as the discriminator of a generator G
-(:class:`~kamal_engine.generators.DCGANGenerator`). Each step draws ``z ~ N(0, I)``, generates a
+(:class:`~kamal_engine.methods.generators.DCGANGenerator`). Each step draws ``z ~ N(0, I)``, generates a
 batch and
 
-1. updates G on ``L_Total = L_oh + α L_a + β L_ie`` (Eq. 7; the terms in :mod:`kamal_engine.datafree`),
+1. updates G on ``L_Total = L_oh + α L_a + β L_ie`` (Eq. 7; the terms in :mod:`kamal_engine.methods.datafree`),
    computed on every teacher's *selected* outputs (the task-level filter of the amalgamation
    papers) and, for ``L_a``, on every teacher's features before its classifier;
 2. updates the student by knowledge distillation (Eq. 1) on the same, detached images: the soft-target
@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from ..datafree import activation_loss, information_entropy_loss, one_hot_loss
+from .datafree import activation_loss, information_entropy_loss, one_hot_loss
 from ..events import SamplesGenerated, StageStarted
-from ..generators import DCGANGenerator, GeneratedImages
+from .generators import DCGANGenerator, GeneratedImages
 from ..training import autocast, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
 from .common import RunContext, loss_dict, whole_student

@@ -3,9 +3,9 @@
 Algorithm 1 of ``data-free-ka-dual-gan-cvpr2020.txt`` and its supplementary, in three steps.
 
 **Step I, the group-stack generator** ``G = {G^1 .. G^J}`` (Eq. 3,
-:class:`~kamal_engine.generators.GroupStackGenerator`), ``J = groups`` (default 2, the best of the
+:class:`~kamal_engine.methods.generators.GroupStackGenerator`), ``J = groups`` (default 2, the best of the
 supplementary's Table 3). Each group's output is aligned with the student's feature at a block
-boundary (:func:`~kamal_engine.generators.group_boundaries`: with J = B, group j stands for the output
+boundary (:func:`~kamal_engine.methods.generators.group_boundaries`: with J = B, group j stands for the output
 of block B − j as in Eq. 5; with J = 2 and B = 4, for the output of block 2, then the image). The
 discriminator ``D^j_m`` of group j for teacher m (Eq. 5, 10, 11) is teacher m's blocks after that
 boundary and its head, fed through a learnable teacher-level filter ``f^j_m`` (filtered-KA's SE
@@ -19,7 +19,7 @@ over every teacher's selected outputs (the task-level filter). ℓ is the soft-t
 of the predictions made from an intermediate feature against those made from the image, which are
 held fixed (detached): the intermediate groups are pulled to agree with the image, not the
 reverse (our reading of "restrains the intermediate features [...] to make the same predictions
-as I_gan"). For the reading of L_dis see :func:`kamal_engine.datafree.discrete_loss`.
+as I_gan"). For the reading of L_dis see :func:`kamal_engine.methods.datafree.discrete_loss`.
 
 The weights deviate from the supplementary's Table 1 (α = 1, β = 1, γ = 5) in α and β, which
 default to DAFL's 0.1 and 5 (the paper takes L_a and L_ie from DAFL): with α = β = 1 the unbounded
@@ -56,11 +56,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..datafree import activation_loss, discrete_loss, information_entropy_loss, one_hot_loss
+from .datafree import activation_loss, discrete_loss, information_entropy_loss, one_hot_loss
 from ..errors import KamalError
 from ..events import BlockConverged, BranchPlanChosen, SamplesGenerated, StageStarted
 from ..filters import build_filter
-from ..generators import GeneratedImages, GroupStackGenerator, group_boundaries
+from .generators import GeneratedImages, GroupStackGenerator, group_boundaries
 from ..targetnet import choose_branch_points
 from ..training import autocast, poly_schedule, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param

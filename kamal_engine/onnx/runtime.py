@@ -22,12 +22,12 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from .errors import CheckpointError, KamalError
-from .preprocessing import Preprocessing
-from .targetnet import TaskGroup
+from ..errors import CheckpointError, KamalError
+from ..preprocessing import Preprocessing
+from ..targetnet import TaskGroup
+from .format import METADATA_KEY, ONNX_FORMAT, ONNX_FORMAT_VERSION
 
 PROVIDERS = ("auto", "cuda", "cpu")
-ORT_PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
 class Predictor(Protocol):
@@ -105,7 +105,6 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``kamal`` metadata of an exported student; errors name the file and say what is wrong."""
     import onnx
 
-    from .export import METADATA_KEY, ONNX_FORMAT, ONNX_FORMAT_VERSION
 
     path = Path(path)
     if not path.is_file():
@@ -196,8 +195,8 @@ def load_predictor(path: str | os.PathLike, provider: str = "auto") -> Predictor
     """A student bundle (PyTorch) or an ``.onnx`` (ONNX Runtime), on ``auto | cuda | cpu``."""
     if is_onnx_path(path):
         return load_onnx(path, provider)
-    from .devices import resolve_device
-    from .targetnet import load_student
+    from ..devices import resolve_device
+    from ..targetnet import load_student
 
     if provider not in PROVIDERS:
         raise KamalError(f"unknown provider '{provider}': choose one of {', '.join(PROVIDERS)}")

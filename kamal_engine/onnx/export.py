@@ -1,4 +1,4 @@
-"""ONNX export of a student (DESIGN "Exported ONNX").
+"""ONNX export of a student (``docs/architecture.md``, "Exported ONNX").
 
 One self-contained graph (weights inside, no external data file) for the whole branched TargetNet:
 
@@ -36,19 +36,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoints import atomic_write
-from .errors import KamalError
-from .targetnet import Student
+from .. import __version__
+from ..checkpoints import atomic_write
+from ..errors import KamalError
+from ..targetnet import Student
+from .format import (DEFAULT_OPSET, INPUT_NAME, METADATA_KEY, MIN_OPSET, ONNX_FORMAT, ONNX_FORMAT_VERSION,
+                     OUTPUT_NAMES)
+from .runtime import quiet_onnxruntime
 
-ONNX_FORMAT = "kamal-onnx"
-ONNX_FORMAT_VERSION = 1
-METADATA_KEY = "kamal"
-DEFAULT_OPSET = 18
-MIN_OPSET = 17  # older opsets cannot express the exported graph (the converter fails on Reduce* axes)
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2
-INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
 
 
 class ExportError(KamalError):
@@ -134,8 +131,6 @@ def export_onnx(student: Student, path: str | Path, *, opset: int = DEFAULT_OPSE
                 verify_batch: int = 8, log: Callable[[str], None] | None = None) -> ExportResult:
     """Export ``student`` to ``path``; check, verify against PyTorch, then move it into place."""
     import onnx
-
-    from .runtime import quiet_onnxruntime
 
     log = log or (lambda message: None)
     path = Path(path)

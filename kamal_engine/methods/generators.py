@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .preprocessing import Preprocessing
+from ..preprocessing import Preprocessing
 
 
 class DCGANGenerator(nn.Module):

@@ -41,8 +41,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .selection import Task
-from .training import task_probabilities
+from ..selection import Task
+from ..training import task_probabilities
 
 EPS = 1e-6  # 1 - EPS must stay below 1 in float32, or (1 - m) log(1 - m) is 0 · -inf
 
