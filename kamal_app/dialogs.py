@@ -12,7 +12,7 @@ from kamal_engine.backbones.detect import detect_architecture, normalize_state_d
 from kamal_engine.checkpoints import RawCheckpoint
 from kamal_engine.errors import KamalError
 from kamal_engine.recipe import TeacherEntry
-from kamal_engine.teacher import find_sidecar_labels, load_teacher
+from kamal_engine.teacher import find_sidecar_labels
 
 from .widgets import PathEdit
 
@@ -147,9 +147,7 @@ class ImportTeacherDialog(QDialog):
     def accept(self) -> None:
         try:
             entry = self.build_entry()
-            self.teacher = load_teacher(entry.checkpoint, arch=entry.arch, arch_kwargs=entry.arch_kwargs or None,
-                                        labels=entry.labels, labels_file=entry.labels_file, task=entry.task,
-                                        input_size=entry.input_size, trust=entry.trust, raw=self.raw)
+            self.teacher = entry.load(raw=self.raw)
         except KamalError as exc:
             show_error(self, "Cannot import this checkpoint", exc)
             return

@@ -14,7 +14,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ class RawCheckpoint:
     kind: str  # "bundle" (a dict with a 'format' tag) | "state_dict" | "module" (trusted pickle)
     state_dict: dict[str, torch.Tensor] | None = None
     bundle: dict[str, Any] | None = None
-    module: nn.Module | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -172,7 +170,7 @@ def _read_checkpoint(path: Path, trust: bool) -> RawCheckpoint:
         )
     obj = _torch_load(path, trust)
     if isinstance(obj, nn.Module):
-        return RawCheckpoint(path, "module", state_dict=obj.state_dict(), module=obj)
+        return RawCheckpoint(path, "module", state_dict=obj.state_dict())
     if isinstance(obj, dict) and isinstance(obj.get("format"), str):
         return RawCheckpoint(path, "bundle", state_dict=obj.get("state_dict"), bundle=obj)
     if _is_tensor_dict(obj):
@@ -181,10 +179,9 @@ def _read_checkpoint(path: Path, trust: bool) -> RawCheckpoint:
         for key in STATE_DICT_WRAPPER_KEYS:
             inner = obj.get(key)
             if isinstance(inner, nn.Module):
-                return RawCheckpoint(path, "module", state_dict=inner.state_dict(), module=inner)
+                return RawCheckpoint(path, "module", state_dict=inner.state_dict())
             if _is_tensor_dict(inner):
-                meta = {k: v for k, v in obj.items() if k != key and isinstance(v, (str, int, float, list))}
-                return RawCheckpoint(path, "state_dict", state_dict=dict(inner), metadata=meta)
+                return RawCheckpoint(path, "state_dict", state_dict=dict(inner))
         keys = ", ".join(map(str, list(obj)[:6]))
         raise CheckpointError(
             f"holds a dict without model weights (keys: {keys}); expected a state_dict, or one under "

@@ -1,4 +1,4 @@
-"""The ``kamal`` command line (DESIGN "Command line").
+"""The ``kamal`` command line (``docs/architecture.md``, "Command line").
 
 Human tables on stdout by default, ``--json`` for machines; progress goes to stderr. Bad input
 ends with a non-zero exit code and a one-line reason.

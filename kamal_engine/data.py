@@ -1,4 +1,4 @@
-"""Images and labelled sets (DESIGN "Labelled data").
+"""Images and labelled sets (``docs/architecture.md``, "Labelled data").
 
 Training never needs labels: a folder of unlabeled images is enough. Labelled data is only for
 evaluation:

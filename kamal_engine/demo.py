@@ -1,4 +1,4 @@
-"""The demo workspace: real handwritten digits composed into multi-label mosaics (DESIGN "demo").
+"""The demo workspace: real handwritten digits in multi-label mosaics (``docs/architecture.md``, "The demo workspace").
 
 A miniature of the papers' PASCAL VOC setting, built offline in about a minute on a laptop CPU:
 

@@ -1,4 +1,4 @@
-"""The event stream every method reports through (DESIGN "Events").
+"""The event stream every method reports through (``docs/architecture.md``, "Events").
 
 Methods call ``emit(event)`` with the dataclasses below; the CLI prints them as a progress bar,
 the app's worker forwards them as (throttled) Qt signals. Cancellation is a flag the training

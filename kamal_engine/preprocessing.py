@@ -1,4 +1,4 @@
-"""Per-model preprocessing: input size and normalisation (DESIGN "Teacher checkpoints").
+"""Per-model preprocessing: input size and normalisation (``docs/architecture.md``, "Teacher checkpoints").
 
 Each teacher sees an image normalised its own way; the student has its own. Images travel through
 the engine as uint8 ``(N, 3, H, W)`` tensors and each model applies its :class:`Preprocessing`.

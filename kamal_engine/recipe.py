@@ -1,4 +1,4 @@
-"""Recipes: one TOML file holds everything a run needs (DESIGN "Recipe").
+"""Recipes: one TOML file holds everything a run needs (``docs/architecture.md``, "Recipe").
 
 ``kamal run recipe.toml`` reproduces what the GUI did. Sections: ``[run]``, ``[[teachers]]``,
 ``[student]``, ``[data]``, ``[method]`` and ``[export]``. Paths are relative to the recipe file.
@@ -77,14 +77,13 @@ class TeacherEntry:
     std: list[float] | None = None
     trust: bool = False
 
-    def load(self):
-        """The :class:`~kamal_engine.teacher.Teacher` this entry describes."""
-        from .teacher import load_teacher
+    def load(self, raw=None):
+        """The :class:`~kamal_engine.teacher.Teacher` this entry describes (``raw``: the file, already read)."""
+        from .teacher import TeacherOverrides, load_teacher
 
-        return load_teacher(self.checkpoint, arch=self.arch, arch_kwargs=self.arch_kwargs or None,
-                            labels=self.labels, labels_file=self.labels_file, task=self.task,
-                            input_size=self.input_size, mean=self.mean, std=self.std, name=self.name,
-                            trust=self.trust)
+        overrides = TeacherOverrides(self.arch, self.arch_kwargs or None, self.labels, self.labels_file, self.task,
+                                     self.input_size, self.mean, self.std, self.name)
+        return load_teacher(self.checkpoint, overrides, trust=self.trust, raw=raw)
 
 
 @dataclass
@@ -207,124 +206,153 @@ SECTIONS = {
 }
 
 
+TEACHER_KEYS = (("name", _is_str, "a name"), ("arch", _is_str, "an architecture name"),
+                ("task", lambda v: v in ("multilabel", "multiclass"), "multilabel or multiclass"),
+                ("labels", _is_str_list, "a list of label names"),
+                ("input_size", _is_size, "a positive int or [height, width]"),
+                ("mean", _is_triple, "three numbers"), ("std", _is_triple, "three numbers"),
+                ("arch_kwargs", lambda v: isinstance(v, dict), "a table"),
+                ("trust", lambda v: isinstance(v, bool), "true or false"))  # [[teachers]] keys taken as they are
+
+
+def _is_share(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+
+
+class _Parser:
+    """Fills a :class:`Recipe` section by section from parsed TOML, each error naming the key and its line."""
+
+    def __init__(self, recipe: Recipe, base: Path, check_files: bool):
+        self.recipe, self.base, self.check_files = recipe, base, check_files
+
+    def check(self, value: Any, kind: Callable[[Any], bool], describe: str, section: str, key: str, index: int = 0):
+        return _check(value, kind, describe, self.recipe, section, key, index)
+
+    def resolve(self, p: str) -> Path:
+        return (self.base / os.path.expanduser(p)).resolve()
+
+    def existing(self, value: Any, section: str, key: str, index: int = 0, folder: bool | None = None) -> Path:
+        """A path that must exist (a folder with ``folder`` true, a file with false), relative to the recipe."""
+        self.check(value, _is_str, "a path (string)", section, key, index)
+        p = self.resolve(value)
+        if self.check_files:
+            if not p.exists():
+                raise self.recipe.error(f"{p} not found", section, key, index)
+            if folder is True and not p.is_dir():
+                raise self.recipe.error(f"{p} is not a folder", section, key, index)
+            if folder is False and not p.is_file():
+                raise self.recipe.error(f"{p} is not a file", section, key, index)
+        return p
+
+    def sections(self, data: dict) -> None:
+        """Every section and key is one the recipe format has."""
+        for section, value in data.items():
+            if section not in SECTIONS:
+                raise self.recipe.error(f"unknown section; expected one of {', '.join(SECTIONS)}", section)
+            if section == "teachers" and not isinstance(value, list):
+                raise self.recipe.error("write each teacher as its own [[teachers]] table", section)
+            for index, table in enumerate(value if section == "teachers" else [value]):
+                if not isinstance(table, dict):
+                    raise self.recipe.error("expected a table", section)
+                allowed = SECTIONS[section]
+                for key in table:
+                    if allowed is not None and key not in allowed:
+                        raise self.recipe.error(f"unknown key; expected one of {', '.join(sorted(allowed))}",
+                                                section, key, index)
+
+    def run(self, run: dict) -> None:
+        r, path = self.recipe, self.recipe.path
+        r.name = self.check(run.get("name", path.stem if path else "run"), _is_str, "a name", "run", "name")
+        r.output_dir = self.resolve(self.check(run.get("output_dir", f"runs/{r.name}"), _is_str, "a path", "run",
+                                               "output_dir"))
+        r.device = self.check(run.get("device", "auto"), lambda v: isinstance(v, str) and bool(DEVICE_PATTERN.match(v)),
+                              "auto, cpu, cuda or cuda:N", "run", "device")
+        r.seed = self.check(run.get("seed", 0), _is_int, "an integer", "run", "seed")
+        r.precision = self.check(run.get("precision", "auto"), lambda v: v in PRECISIONS, " or ".join(PRECISIONS),
+                                 "run", "precision")
+
+    def teachers(self, teachers: list) -> None:
+        if not teachers:
+            raise RecipeError(f"{self.recipe.path}: no [[teachers]]: a recipe needs at least one teacher checkpoint")
+        for i, t in enumerate(teachers):
+            if "checkpoint" not in t:
+                raise self.recipe.error("missing key 'checkpoint' (the teacher's file)", "teachers", None, i)
+            entry = TeacherEntry(self.existing(t["checkpoint"], "teachers", "checkpoint", i, folder=False))
+            if "select" in t:
+                entry.select = self.check(t["select"], _is_str_list, "a list of label names ([]: the teacher is kept "
+                                          "but teaches nothing)", "teachers", "select", i)
+            for key, kind, describe in TEACHER_KEYS:
+                if key in t:
+                    setattr(entry, key, self.check(t[key], kind, describe, "teachers", key, i))
+            if "labels_file" in t:
+                entry.labels_file = self.existing(t["labels_file"], "teachers", "labels_file", i, folder=False)
+            self.recipe.teachers.append(entry)
+
+    def student(self, student: dict) -> None:
+        r, count = self.recipe, len(self.recipe.teachers)
+        if "arch" in student:
+            r.student_arch = self.check(student["arch"], _is_str, "an architecture name", "student", "arch")
+        r.student_arch_kwargs = self.check(student.get("arch_kwargs", {}), lambda v: isinstance(v, dict), "a table",
+                                           "student", "arch_kwargs")
+        r.student_init = self.check(student.get("init", "teacher"), lambda v: v in INITS, " or ".join(INITS),
+                                    "student", "init")
+        r.student_teacher = self.check(student.get("teacher", 1), lambda v: _is_int(v) and 1 <= v <= count,
+                                       f"a teacher number from 1 to {count}", "student", "teacher")
+        if "checkpoint" in student:
+            if r.student_init != "checkpoint":
+                raise r.error("a weights file is only read with init = \"checkpoint\"; set that or remove the key",
+                              "student", "checkpoint")
+            r.student_checkpoint = self.existing(student["checkpoint"], "student", "checkpoint", folder=False)
+        elif r.student_init == "checkpoint":
+            raise r.error("init = \"checkpoint\" needs 'checkpoint', the weights file to start the student from "
+                          "(for example ImageNet weights of the student's architecture)", "student", "init")
+
+    def data(self, d: dict) -> None:
+        r = self.recipe
+        r.mode = self.check(d.get("mode", "data"), lambda v: v in MODES, " or ".join(MODES), "data", "mode")
+        if "unlabeled" in d:
+            r.unlabeled = self.existing(d["unlabeled"], "data", "unlabeled", folder=True)
+        elif r.mode == "data":
+            raise r.error("data mode needs 'unlabeled', a folder of unlabeled images (or set mode = \"data-free\")",
+                          "data", "mode")
+        if "validation" in d:
+            r.validation = self.existing(d["validation"], "data", "validation")
+        if "image_size" in d:
+            r.image_size = self.check(d["image_size"], lambda v: _is_int(v) and v > 0, "a positive integer",
+                                      "data", "image_size")
+        if "max_damaged" in d:
+            r.max_damaged = float(self.check(d["max_damaged"], _is_share, "a share from 0 to 1 (0.01: up to 1 % of "
+                                             "the images may be unreadable)", "data", "max_damaged"))
+
+    def method(self, m: dict) -> None:
+        self.recipe.method = self.check(m.get("id", "filtered-ka"), _is_str, "a method id", "method", "id")
+        self.recipe.params = {k: v for k, v in m.items() if k != "id"}
+
+    def export(self, e: dict) -> None:
+        r = self.recipe
+        if "onnx" in e:
+            r.onnx = self.resolve(self.check(e["onnx"], _is_str, "a path", "export", "onnx"))
+        r.opset = self.check(e.get("opset", 18), lambda v: _is_int(v) and 17 <= v <= 30, "an ONNX opset from 17 to 30",
+                             "export", "opset")
+        r.fp16 = self.check(e.get("fp16", False), lambda v: isinstance(v, bool), "true or false", "export", "fp16")
+
+
 def parse_recipe(text: str, path: str | os.PathLike | None = None, *, check_files: bool = True) -> Recipe:
     """Parse and validate recipe ``text``; relative paths are resolved against ``path``'s folder."""
     path = Path(path) if path is not None else None
-    base = path.parent if path is not None else Path.cwd()
     recipe = Recipe(path, text=text)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: is not valid TOML ({exc})") from None
-
-    for section, value in data.items():
-        if section not in SECTIONS:
-            raise recipe.error(f"unknown section; expected one of {', '.join(SECTIONS)}", section)
-        tables = value if section == "teachers" else [value]
-        if section == "teachers" and not isinstance(value, list):
-            raise recipe.error("write each teacher as its own [[teachers]] table", section)
-        for index, table in enumerate(tables):
-            if not isinstance(table, dict):
-                raise recipe.error("expected a table", section)
-            allowed = SECTIONS[section]
-            for key in table:
-                if allowed is not None and key not in allowed:
-                    raise recipe.error(f"unknown key; expected one of {', '.join(sorted(allowed))}", section, key, index)
-
-    def resolve(p: str) -> Path:
-        return (base / os.path.expanduser(p)).resolve()
-
-    def existing(value: Any, section: str, key: str, index: int = 0, folder: bool | None = None) -> Path:
-        _check(value, _is_str, "a path (string)", recipe, section, key, index)
-        p = resolve(value)
-        if check_files:
-            if not p.exists():
-                raise recipe.error(f"{p} not found", section, key, index)
-            if folder is True and not p.is_dir():
-                raise recipe.error(f"{p} is not a folder", section, key, index)
-            if folder is False and not p.is_file():
-                raise recipe.error(f"{p} is not a file", section, key, index)
-        return p
-
-    run = data.get("run", {})
-    recipe.name = _check(run.get("name", path.stem if path else "run"), _is_str, "a name", recipe, "run", "name")
-    recipe.output_dir = resolve(_check(run.get("output_dir", f"runs/{recipe.name}"), _is_str, "a path",
-                                       recipe, "run", "output_dir"))
-    recipe.device = _check(run.get("device", "auto"), lambda v: isinstance(v, str) and bool(DEVICE_PATTERN.match(v)),
-                           "auto, cpu, cuda or cuda:N", recipe, "run", "device")
-    recipe.seed = _check(run.get("seed", 0), _is_int, "an integer", recipe, "run", "seed")
-    recipe.precision = _check(run.get("precision", "auto"), lambda v: v in PRECISIONS, " or ".join(PRECISIONS),
-                              recipe, "run", "precision")
-
-    teachers = data.get("teachers", [])
-    if not teachers:
-        raise RecipeError(f"{path}: no [[teachers]]: a recipe needs at least one teacher checkpoint")
-    for i, t in enumerate(teachers):
-        if "checkpoint" not in t:
-            raise recipe.error("missing key 'checkpoint' (the teacher's file)", "teachers", None, i)
-        entry = TeacherEntry(existing(t["checkpoint"], "teachers", "checkpoint", i, folder=False))
-        if "select" in t:
-            entry.select = _check(t["select"], _is_str_list, "a list of label names ([]: the teacher is kept but "
-                                  "teaches nothing)", recipe, "teachers", "select", i)
-        for key, kind, describe in (("name", _is_str, "a name"), ("arch", _is_str, "an architecture name"),
-                                    ("task", lambda v: v in ("multilabel", "multiclass"), "multilabel or multiclass"),
-                                    ("labels", _is_str_list, "a list of label names"),
-                                    ("input_size", _is_size, "a positive int or [height, width]"),
-                                    ("mean", _is_triple, "three numbers"), ("std", _is_triple, "three numbers"),
-                                    ("arch_kwargs", lambda v: isinstance(v, dict), "a table"),
-                                    ("trust", lambda v: isinstance(v, bool), "true or false")):
-            if key in t:
-                setattr(entry, key, _check(t[key], kind, describe, recipe, "teachers", key, i))
-        if "labels_file" in t:
-            entry.labels_file = existing(t["labels_file"], "teachers", "labels_file", i, folder=False)
-        recipe.teachers.append(entry)
-
-    student = data.get("student", {})
-    if "arch" in student:
-        recipe.student_arch = _check(student["arch"], _is_str, "an architecture name", recipe, "student", "arch")
-    recipe.student_arch_kwargs = _check(student.get("arch_kwargs", {}), lambda v: isinstance(v, dict), "a table",
-                                        recipe, "student", "arch_kwargs")
-    recipe.student_init = _check(student.get("init", "teacher"), lambda v: v in INITS, " or ".join(INITS),
-                                 recipe, "student", "init")
-    recipe.student_teacher = _check(student.get("teacher", 1), lambda v: _is_int(v) and 1 <= v <= len(teachers),
-                                    f"a teacher number from 1 to {len(teachers)}", recipe, "student", "teacher")
-    if "checkpoint" in student:
-        if recipe.student_init != "checkpoint":
-            raise recipe.error("a weights file is only read with init = \"checkpoint\"; set that or remove the key",
-                               "student", "checkpoint")
-        recipe.student_checkpoint = existing(student["checkpoint"], "student", "checkpoint", folder=False)
-    elif recipe.student_init == "checkpoint":
-        raise recipe.error("init = \"checkpoint\" needs 'checkpoint', the weights file to start the student from "
-                           "(for example ImageNet weights of the student's architecture)", "student", "init")
-
-    d = data.get("data", {})
-    recipe.mode = _check(d.get("mode", "data"), lambda v: v in MODES, " or ".join(MODES), recipe, "data", "mode")
-    if "unlabeled" in d:
-        recipe.unlabeled = existing(d["unlabeled"], "data", "unlabeled", folder=True)
-    elif recipe.mode == "data":
-        raise recipe.error("data mode needs 'unlabeled', a folder of unlabeled images (or set mode = \"data-free\")",
-                           "data", "mode")
-    if "validation" in d:
-        recipe.validation = existing(d["validation"], "data", "validation")
-    if "image_size" in d:
-        recipe.image_size = _check(d["image_size"], lambda v: _is_int(v) and v > 0, "a positive integer",
-                                   recipe, "data", "image_size")
-
-    if "max_damaged" in d:
-        recipe.max_damaged = float(_check(d["max_damaged"], lambda v: isinstance(v, (int, float)) and not isinstance(
-            v, bool) and 0 <= v <= 1, "a share from 0 to 1 (0.01: up to 1 % of the images may be unreadable)",
-            recipe, "data", "max_damaged"))
-
-    m = data.get("method", {})
-    recipe.method = _check(m.get("id", "filtered-ka"), _is_str, "a method id", recipe, "method", "id")
-    recipe.params = {k: v for k, v in m.items() if k != "id"}
-
-    e = data.get("export", {})
-    if "onnx" in e:
-        recipe.onnx = resolve(_check(e["onnx"], _is_str, "a path", recipe, "export", "onnx"))
-    recipe.opset = _check(e.get("opset", 18), lambda v: _is_int(v) and 17 <= v <= 30, "an ONNX opset from 17 to 30",
-                          recipe, "export", "opset")
-    recipe.fp16 = _check(e.get("fp16", False), lambda v: isinstance(v, bool), "true or false", recipe, "export", "fp16")
+    parser = _Parser(recipe, path.parent if path is not None else Path.cwd(), check_files)
+    parser.sections(data)
+    parser.run(data.get("run", {}))
+    parser.teachers(data.get("teachers", []))
+    parser.student(data.get("student", {}))
+    parser.data(data.get("data", {}))
+    parser.method(data.get("method", {}))
+    parser.export(data.get("export", {}))
     return recipe
 
 

@@ -1,6 +1,6 @@
 """Running a recipe end to end: ``kamal run RECIPE [--resume]`` and the app's worker.
 
-Outputs in the recipe's output folder (DESIGN "Run outputs"): ``recipe.toml`` (the recipe as run),
+Outputs in the recipe's output folder (``docs/architecture.md``, "Run folder"): ``recipe.toml`` (the recipe as run),
 ``metrics.csv``, ``report.json``, ``student.kamal.pt`` and ``checkpoints/last.pt``. A checkpoint
 is written at every block boundary (and after fine-tuning); a cancelled or crashed run keeps its
 finished blocks and ``resume=True`` continues after the last one. Every phase draws its random
@@ -31,7 +31,7 @@ from .evaluation import Evaluation, evaluate_student, evaluate_teacher_on_select
 from .events import (CancelToken, Cancelled, Emit, Evaluated, Failed, Finished, LossHistory, Progress, RunCancelled,
                      RunStarted, RunWarning, StageStarted)
 from .onnx.export import export_onnx
-from .methods import get_method, resolve_params
+from .methods import MethodResult, get_method, resolve_params
 from .methods.common import RunContext
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .profile import count_flops, count_parameters
@@ -252,132 +252,191 @@ def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit,
         raise recipe.error(f"method '{method.id}' works in {method.mode} mode but [data].mode is '{recipe.mode}'",
                            "method", "id")
     params = resolve_params(method, recipe.params, lambda message, key: recipe.error(message, "method", key))
-    out = recipe.output_dir
-    fingerprint = {  # what must not change between a run and its resumption
+    checkpointer = Checkpointer(recipe.output_dir / "checkpoints" / "last.pt", method.id, fingerprint(recipe, params))
+    if resume and not checkpointer.path.exists():
+        raise KamalError(f"there is no checkpoint to resume from in {recipe.output_dir} (no block of a run there has "
+                         "finished); start over with --restart instead of --resume")
+    # one run per folder; a fresh run is refused early by the folder rule, and claims the folder (moving an
+    # earlier run aside) only once the recipe's inputs have loaded
+    lock, folder = lock_run_folder(recipe.output_dir, resume=resume, restart=restart, replace=replace, command=command)
+    try:
+        run = RecipeRun(recipe, method, params, checkpointer, resume, emit, cancel)
+        return run.execute(lock, folder, started)
+    finally:
+        lock.release()
+
+
+def fingerprint(recipe: Recipe, params: dict[str, Any]) -> dict[str, Any]:
+    """What must not change between a run and its resumption."""
+    return {
         "params": params, "seed": recipe.seed,
         "teachers": [[str(t.checkpoint), t.select, t.arch, t.task, t.input_size, t.mean, t.std] for t in recipe.teachers],
         "student": [recipe.student_arch, recipe.student_arch_kwargs, recipe.student_init, recipe.student_teacher]
         + ([str(recipe.student_checkpoint)] if recipe.student_checkpoint else []),
         "data": [str(recipe.unlabeled), recipe.image_size],
     }
-    checkpointer = Checkpointer(out / "checkpoints" / "last.pt", method.id, fingerprint)
-    if resume and not checkpointer.path.exists():
-        raise KamalError(f"there is no checkpoint to resume from in {out} (no block of a run there has "
-                         "finished); start over with --restart instead of --resume")
-    # one run per folder; a fresh run is refused early by the folder rule, and claims the folder (moving an
-    # earlier run aside) only once the recipe's inputs have loaded
-    lock, folder = lock_run_folder(out, resume=resume, restart=restart, replace=replace, command=command)
-    try:
-        return _run_locked(recipe, method, params, checkpointer, lock, folder, resume, emit, cancel, started)
-    finally:
-        lock.release()
 
 
-def _run_locked(recipe, method, params, checkpointer, lock, folder, resume, emit, cancel, started) -> RunResult:
-    """The run itself, in its locked output folder."""
-    out = recipe.output_dir
-    remove_partial_writes(out)  # a killed run's half-written temporary files (never the files they replace)
-    resumed = checkpointer.load() if resume else None
+@dataclass
+class RunInputs:
+    """What a run reads before training: teachers, their selected tasks, the initial student, the data."""
 
-    seed_everything(recipe.seed)
-    device = resolve_device(recipe.device)
-    teachers = [entry.load() for entry in recipe.teachers]
-    selection = TaskSelection.build(teachers, [entry.select for entry in recipe.teachers], shared=method.shared_labels)
-    student_model, arch, kwargs, student_pre = build_student(recipe, selection)
-    moved = None
-    if not resume:  # the folder is the run's own: an earlier run is moved aside, a foreign folder refused
-        moved = None if folder.state == "new" else lock.move_aside()
-        write_manifest(out, engine_version=__version__, method=method.id, recipe=recipe.name)
-    atomic_write(out / "recipe.toml", lambda tmp: tmp.write_text(recipe.to_toml()))
-    emit(RunStarted(recipe.name, method.id, str(device), str(out), 0,
-                    resumed_from=str(checkpointer.path) if resumed else None,
-                    moved_aside=str(moved) if moved else None))
-    if lock.stale:
-        emit(RunWarning(f"the run folder's lock was left by {holder_text(lock.stale)}, which is no longer running "
-                        "(killed or crashed); this run took it over"))
+    teachers: list
+    selection: TaskSelection
+    student: torch.nn.Module
+    arch: str
+    arch_kwargs: dict
+    preprocessing: Preprocessing
+    validation: Any  # LabelledSet | None
+    images: UnlabeledImages | None
+    targets: list[torch.Tensor] | None
 
-    validation = read_labelled(recipe.validation) if recipe.validation else None  # a bad one refused before training
-    size = max(max(t.preprocessing.input_size) for t in teachers)
-    size = (max(size, max(student_pre.input_size)),) * 2
-    images, targets = None, None
-    if recipe.unlabeled:  # data mode; a data-free run has no images to load or predict on
+
+class RecipeRun:
+    """One run of a recipe in its locked output folder: the pipeline's steps, in order (:meth:`execute`)."""
+
+    def __init__(self, recipe: Recipe, method, params: dict[str, Any], checkpointer: Checkpointer, resume: bool,
+                 emit: Emit, cancel: CancelToken):
+        self.recipe, self.method, self.params, self.checkpointer = recipe, method, params, checkpointer
+        self.resume, self.emit, self.cancel = resume, emit, cancel
+        self.out = recipe.output_dir
+        self.device: torch.device | None = None
+
+    def execute(self, lock, folder, started: float) -> RunResult:
+        """Inputs, training, the student file, its size and validation, the ONNX export, ``report.json``."""
+        remove_partial_writes(self.out)  # a killed run's half-written temporary files (never the files they replace)
+        resumed = self.checkpointer.load() if self.resume else None
+        seed_everything(self.recipe.seed)
+        self.device = resolve_device(self.recipe.device)
+        inputs = self.load_inputs(lock, folder, resumed)
+        result = self.train(inputs, resumed)
+        student = Student(result.net.cpu(), inputs.preprocessing, inputs.arch, inputs.arch_kwargs, result.granularity,
+                          self.method.id, info={"recipe": self.recipe.name, "seed": self.recipe.seed})
+        student.save(self.out / "student.kamal.pt")
+        report = self.describe(inputs, result, student)
+        if inputs.validation is not None:
+            report["validation"] = self.validate(inputs, student)
+        summary = {"student": str(self.out / "student.kamal.pt"), **self.export(student, report)}
+        report["seconds"] = round(time.monotonic() - started, 1)
+        report = _clean(report)
+        atomic_write(self.out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+        self.checkpointer.mark_finished()
+        self.emit(Finished(str(self.out), {**summary, "seconds": report["seconds"]}))
+        return RunResult(self.out, student, report)
+
+    def load_inputs(self, lock, folder, resumed) -> RunInputs:
+        """Teachers, selection and initial student; then the folder is claimed (an earlier run moved
+        aside) and the validation set, the unlabeled images and the teachers' soft targets are read."""
+        recipe, method, emit = self.recipe, self.method, self.emit
+        teachers = [entry.load() for entry in recipe.teachers]
+        selection = TaskSelection.build(teachers, [entry.select for entry in recipe.teachers], shared=method.shared_labels)
+        model, arch, kwargs, preprocessing = build_student(recipe, selection)
+        self.claim(lock, folder, resumed)
+        validation = read_labelled(recipe.validation) if recipe.validation else None  # refused before training
+        images, targets = None, None
+        if recipe.unlabeled:  # data mode; a data-free run has no images to load or predict on
+            size = max(max(max(t.preprocessing.input_size) for t in teachers), max(preprocessing.input_size))
+            images = self.load_images((size, size))
+            if method.soft_targets:  # adaptive-ka runs its teachers during training (features too)
+                emit(StageStarted("teacher-targets"))
+                targets = teacher_targets(selection, images.images, self.device, cancel=self.cancel)
+        return RunInputs(teachers, selection, model, arch, kwargs, preprocessing, validation, images, targets)
+
+    def claim(self, lock, folder, resumed) -> None:
+        """The folder becomes the run's own (an earlier run moved aside, the manifest written); the recipe
+        as run is saved and the run announced."""
+        moved = None
+        if not self.resume:  # a foreign folder was refused before; an earlier run of ours is moved aside
+            moved = None if folder.state == "new" else lock.move_aside()
+            write_manifest(self.out, engine_version=__version__, method=self.method.id, recipe=self.recipe.name)
+        atomic_write(self.out / "recipe.toml", lambda tmp: tmp.write_text(self.recipe.to_toml()))
+        self.emit(RunStarted(self.recipe.name, self.method.id, str(self.device), str(self.out), 0,
+                             resumed_from=str(self.checkpointer.path) if resumed else None,
+                             moved_aside=str(moved) if moved else None))
+        if lock.stale:
+            self.emit(RunWarning(f"the run folder's lock was left by {holder_text(lock.stale)}, which is no longer "
+                                 "running (killed or crashed); this run took it over"))
+
+    def load_images(self, size: tuple[int, int]) -> UnlabeledImages:
+        """The unlabeled images, decoded once; damaged ones skipped with a warning (up to ``max_damaged``)."""
+        emit = self.emit
         emit(StageStarted("load-images"))
-        images = UnlabeledImages.from_folder(recipe.unlabeled, size, cancel=cancel, max_damaged=recipe.max_damaged,
+        images = UnlabeledImages.from_folder(self.recipe.unlabeled, size, cancel=self.cancel,
+                                             max_damaged=self.recipe.max_damaged,
                                              progress=lambda done, total: emit(Progress("load-images", done, total)))
         if images.damaged:
             shown = "; ".join(f"{p} ({why})" for p, why in images.damaged[:3])
             emit(RunWarning(f"{len(images.damaged)} of {len(images) + len(images.damaged)} unlabeled images cannot be "
                             f"read and are skipped: {shown}" + (" …" if len(images.damaged) > 3 else "")))
-        if method.soft_targets:  # adaptive-ka runs its teachers during training (features too)
-            emit(StageStarted("teacher-targets"))
-            targets = teacher_targets(selection, images.images, device, cancel=cancel)
+        return images
 
-    def evaluate_net(net) -> Evaluation:
-        student = Student(net, student_pre, arch, kwargs, "stage", method.id)
-        return evaluate_student(student, validation, device)
+    def train(self, inputs: RunInputs, resumed) -> MethodResult:
+        """The method itself, with ``metrics.csv`` open (a resumed run keeps the rows up to its checkpoint)."""
+        def evaluate_net(net) -> Evaluation:
+            student = Student(net, inputs.preprocessing, inputs.arch, inputs.arch_kwargs, "stage", self.method.id)
+            return evaluate_student(student, inputs.validation, self.device)
 
-    metrics = MetricsLog(out / "metrics.csv", keep_until_step=resumed.get("step", 0) if resumed else None)
-    if metrics.kept:  # resumed: the plots get the finished part of the run too
-        emit(LossHistory(metrics.history()))
-    try:
-        ctx = RunContext(selection, student_model, arch, kwargs, student_pre, images, targets, device,
-                         recipe.precision, params, recipe.seed, emit, cancel, metrics, checkpointer,
-                         evaluate_net if validation is not None else None, method.id, out)
-        result = method.run(ctx)
-    finally:
-        metrics.close()
-    student = Student(result.net.cpu(), student_pre, arch, kwargs, result.granularity, method.id,
-                      info={"recipe": recipe.name, "seed": recipe.seed})
-    student.save(out / "student.kamal.pt")
+        metrics = MetricsLog(self.out / "metrics.csv", keep_until_step=resumed.get("step", 0) if resumed else None)
+        if metrics.kept:  # resumed: the plots get the finished part of the run too
+            self.emit(LossHistory(metrics.history()))
+        try:
+            ctx = RunContext(inputs.selection, inputs.student, inputs.arch, inputs.arch_kwargs, inputs.preprocessing,
+                             inputs.images, inputs.targets, self.device, self.recipe.precision, self.params,
+                             self.recipe.seed, self.emit, self.cancel, metrics, self.checkpointer,
+                             evaluate_net if inputs.validation is not None else None, self.method.id, self.out)
+            return self.method.run(ctx)
+        finally:
+            metrics.close()
 
-    report: dict[str, Any] = {
-        "engine_version": __version__, "method": method.id, "params": params, "device": str(device),
-        "labels": selection.labels,
-        "tasks": [{"name": t.name, "teacher": teachers[t.teacher].name, "kind": t.kind, "labels": list(t.labels),
-                   "teachers": [teachers[n].name for n, _ in t.sources]} for t in selection.tasks],
-        **result.report,
-        "targetnet": student.net.describe(),
-    }
-    if images is not None:
-        report["data"] = {"images": len(images), "damaged": len(images.damaged),
-                          "damaged_files": [{"path": str(p), "error": why} for p, why in images.damaged[:100]]}
-    size_s = student_pre.input_size
-    report["size"] = {
-        "student": {"parameters": count_parameters(student.net),
-                    "flops": count_flops(student.net, size_s)},
-        "teachers": {t.name: {"parameters": count_parameters(t.model),
-                              "flops": count_flops(t.model, t.preprocessing.input_size)} for t in teachers},
-    }
-    report["size"]["student_vs_teachers_parameters"] = report["size"]["student"]["parameters"] / sum(
-        report["size"]["teachers"][t.name]["parameters"] for n, t in enumerate(teachers) if selection.covered_by(n))
-    if validation is not None:
-        emit(StageStarted("evaluate"))
-        report["validation"] = {"data": str(recipe.validation), "teachers": {}, "student": None}
-        for n, teacher in enumerate(teachers):
-            if not selection.covered_by(n):  # kept in the recipe with select = [], teaches nothing
+    def describe(self, inputs: RunInputs, result: MethodResult, student: Student) -> dict[str, Any]:
+        """The report's description of the run: method, tasks, the method's own report, data and sizes."""
+        teachers, selection, images = inputs.teachers, inputs.selection, inputs.images
+        report: dict[str, Any] = {
+            "engine_version": __version__, "method": self.method.id, "params": self.params, "device": str(self.device),
+            "labels": selection.labels,
+            "tasks": [{"name": t.name, "teacher": teachers[t.teacher].name, "kind": t.kind, "labels": list(t.labels),
+                       "teachers": [teachers[n].name for n, _ in t.sources]} for t in selection.tasks],
+            **result.report,
+            "targetnet": student.net.describe(),
+        }
+        if images is not None:
+            report["data"] = {"images": len(images), "damaged": len(images.damaged),
+                              "damaged_files": [{"path": str(p), "error": why} for p, why in images.damaged[:100]]}
+        sizes = {t.name: {"parameters": count_parameters(t.model),
+                          "flops": count_flops(t.model, t.preprocessing.input_size)} for t in teachers}
+        covered = sum(sizes[t.name]["parameters"] for n, t in enumerate(teachers) if selection.covered_by(n))
+        own = {"parameters": count_parameters(student.net), "flops": count_flops(student.net, inputs.preprocessing.input_size)}
+        report["size"] = {"student": own, "teachers": sizes, "student_vs_teachers_parameters": own["parameters"] / covered}
+        return report
+
+    def validate(self, inputs: RunInputs, student: Student) -> dict[str, Any]:
+        """Every teacher on its selected labels, then the student, on the validation set."""
+        self.emit(StageStarted("evaluate"))
+        out = {"data": str(self.recipe.validation), "teachers": {}, "student": None}
+        for n, teacher in enumerate(inputs.teachers):
+            if not inputs.selection.covered_by(n):  # kept in the recipe with select = [], teaches nothing
                 continue
-            ev = evaluate_teacher_on_selection(teacher, selection, n, validation, device)
-            report["validation"]["teachers"][teacher.name] = ev.to_dict()
-            emit(Evaluated(teacher.name, ev.ap, ev.mean_ap, ev.accuracy))
-        ev = evaluate_student(student, validation, device)
-        report["validation"]["student"] = ev.to_dict()
-        emit(Evaluated("student", ev.ap, ev.mean_ap, ev.accuracy))
-    summary = {"student": str(out / "student.kamal.pt")}
-    if recipe.onnx:  # [export]: the ONNX file, verified against PyTorch (a failure keeps the student)
-        emit(StageStarted("export"))
+            ev = evaluate_teacher_on_selection(teacher, inputs.selection, n, inputs.validation, self.device)
+            out["teachers"][teacher.name] = ev.to_dict()
+            self.emit(Evaluated(teacher.name, ev.ap, ev.mean_ap, ev.accuracy))
+        ev = evaluate_student(student, inputs.validation, self.device)
+        out["student"] = ev.to_dict()
+        self.emit(Evaluated("student", ev.ap, ev.mean_ap, ev.accuracy))
+        return out
+
+    def export(self, student: Student, report: dict[str, Any]) -> dict[str, str]:
+        """``[export]``: the ONNX file, verified against PyTorch (a failure keeps the student, and is reported)."""
+        recipe = self.recipe
+        if not recipe.onnx:
+            return {}
+        self.emit(StageStarted("export"))
         try:
             exported = export_onnx(student, recipe.onnx, opset=recipe.opset, fp16=recipe.fp16)
-            report["onnx"] = exported.to_dict()
-            summary["onnx"] = str(exported.path)
         except KamalError as exc:
             report["onnx"] = {"path": str(recipe.onnx), "error": str(exc)}
-            summary["onnx_error"] = str(exc)
-    report["seconds"] = round(time.monotonic() - started, 1)
-    report = _clean(report)
-    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
-    checkpointer.mark_finished()
-    emit(Finished(str(out), {**summary, "seconds": report["seconds"]}))
-    return RunResult(out, student, report)
+            return {"onnx_error": str(exc)}
+        report["onnx"] = exported.to_dict()
+        return {"onnx": str(exported.path)}
 
 
 def has_unfinished_run(output_dir: str | Path) -> bool:

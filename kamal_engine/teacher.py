@@ -1,4 +1,4 @@
-"""Teachers: pre-trained classifiers loaded from checkpoint files (DESIGN "Teacher checkpoints").
+"""Teachers: pre-trained classifiers loaded from checkpoint files (``docs/architecture.md``, "Teacher checkpoints").
 
 A :class:`Teacher` is a model with its architecture name, label names, task type and
 preprocessing. It loads from
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -224,23 +224,78 @@ def _bundle_fields(raw: RawCheckpoint) -> dict[str, Any]:
     return bundle
 
 
-def load_teacher(
-    path: str | os.PathLike,
-    *,
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-    labels: Sequence[str] | None = None,
-    labels_file: str | os.PathLike | None = None,
-    task: str | None = None,
-    input_size: int | Sequence[int] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    name: str | None = None,
-    trust: bool = False,
-    require_labels: bool = True,
-    raw: RawCheckpoint | None = None,
-) -> Teacher:
-    """Load a teacher from ``path``; keyword arguments fill in or override what the file lacks.
+@dataclass(frozen=True)
+class TeacherOverrides:
+    """What a caller says of a teacher file (a recipe's ``[[teachers]]`` keys, ``kamal inspect``'s
+    options): each field given fills in, or overrides, what the file holds."""
+
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] | None = None
+    labels: Sequence[str] | None = None
+    labels_file: str | os.PathLike | None = None
+    task: str | None = None
+    input_size: int | Sequence[int] | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    name: str | None = None
+
+
+@dataclass
+class _FileFacts:
+    """What a checkpoint file says of its teacher, with the overrides applied (labels still unnamed)."""
+
+    arch: str | None
+    arch_kwargs: dict[str, Any] | None
+    task: str
+    task_assumed: bool
+    preprocessing: Preprocessing | None
+    labels: list[str] | None
+    source_format: str
+    name: str | None
+
+    @classmethod
+    def of(cls, raw: RawCheckpoint, path: Path, o: TeacherOverrides) -> "_FileFacts":
+        if raw.kind == "bundle":
+            bundle = _bundle_fields(raw)
+            return cls(o.arch or bundle["arch"],
+                       o.arch_kwargs if o.arch_kwargs is not None else dict(bundle.get("arch_kwargs") or {}),
+                       o.task or bundle["task"], False, Preprocessing(bundle["input_size"], bundle["mean"], bundle["std"]),
+                       list(bundle["labels"]), "safetensors" if path.suffix == ".safetensors" else "native",
+                       o.name or bundle.get("name"))
+        source_format = "pickled-module" if raw.kind == "module" else (
+            "safetensors" if path.suffix == ".safetensors" else "state_dict")
+        return cls(o.arch, o.arch_kwargs, o.task or "multiclass", o.task is None, None, None, source_format, o.name)
+
+
+def _label_names(o: TeacherOverrides, facts: _FileFacts, path: Path, num_outputs: int,
+                 require_labels: bool) -> tuple[list[str], str]:
+    """The teacher's label names and where they came from: given, a labels file, the bundle, a sidecar
+    file beside the checkpoint, or (``require_labels`` false) ``output_0 ...``."""
+    if o.labels is not None:
+        labels, source = list(o.labels), "given labels"
+    elif o.labels_file is not None:
+        labels, source = read_labels_file(o.labels_file), f"labels file {o.labels_file}"
+    elif facts.labels is not None:
+        labels, source = facts.labels, "bundle"
+    else:
+        sidecar = find_sidecar_labels(path)
+        if sidecar is not None:
+            labels, source = read_labels_file(sidecar), f"labels file {sidecar}"
+        elif require_labels:
+            raise CheckpointError(
+                f"has no label names: give a labels file (one label per line, {num_outputs} lines) with "
+                f"--labels / 'labels_file' in the recipe, or put {path.name.split('.')[0]}.labels.txt beside it",
+                path,
+            )
+        else:
+            labels, source = [f"output_{i}" for i in range(num_outputs)], "unnamed outputs"
+    return check_labels(labels, num_outputs, source, path), source
+
+
+def load_teacher(path: str | os.PathLike, overrides: TeacherOverrides | None = None, *, trust: bool = False,
+                 require_labels: bool = True, raw: RawCheckpoint | None = None, **given: Any) -> Teacher:
+    """Load a teacher from ``path``; ``overrides`` (or its fields as keyword arguments, ``given``) fill
+    in or override what the file lacks.
 
     For foreign checkpoints the labels come from ``labels``, ``labels_file`` or a sidecar file
     (:func:`find_sidecar_labels`); with ``require_labels=False`` (inspection) outputs without
@@ -248,26 +303,13 @@ def load_teacher(
     (ImageNet mean/std, the architecture's usual input size). ``raw`` is the already read file.
     """
     path = Path(path)
+    o = replace(overrides or TeacherOverrides(), **given)
     raw = raw if raw is not None else read_checkpoint(path, trust=trust)
-    if raw.kind == "bundle":
-        bundle = _bundle_fields(raw)
-        arch = arch or bundle["arch"]
-        arch_kwargs = arch_kwargs if arch_kwargs is not None else dict(bundle.get("arch_kwargs") or {})
-        task, task_assumed = task or bundle["task"], False
-        preprocessing = Preprocessing(bundle["input_size"], bundle["mean"], bundle["std"])
-        bundle_labels, labels_source = list(bundle["labels"]), "bundle"
-        source_format = "safetensors" if path.suffix == ".safetensors" else "native"
-        name = name or bundle.get("name")
-    else:
-        bundle_labels, labels_source = None, ""
-        task_assumed = task is None
-        task = task or "multiclass"
-        source_format = "pickled-module" if raw.kind == "module" else (
-            "safetensors" if path.suffix == ".safetensors" else "state_dict")
-        preprocessing = None
+    facts = _FileFacts.of(raw, path, o)
     state_dict = normalize_state_dict_keys(raw.state_dict or {})
     if not state_dict:
         raise CheckpointError("holds no weights", path)
+    arch, arch_kwargs = facts.arch, facts.arch_kwargs
     if arch is None:
         try:
             arch, detected_kwargs = detect_architecture(state_dict)
@@ -283,44 +325,12 @@ def load_teacher(
             path,
         )
     num_outputs = int(classifier.shape[0])
-
-    if labels is not None:
-        labels, labels_source = list(labels), "given labels"
-    elif labels_file is not None:
-        labels, labels_source = read_labels_file(labels_file), f"labels file {labels_file}"
-    elif bundle_labels is not None:
-        labels = bundle_labels
-    else:
-        sidecar = find_sidecar_labels(path)
-        if sidecar is not None:
-            labels, labels_source = read_labels_file(sidecar), f"labels file {sidecar}"
-        elif require_labels:
-            raise CheckpointError(
-                f"has no label names: give a labels file (one label per line, {num_outputs} lines) with "
-                f"--labels / 'labels_file' in the recipe, or put {path.name.split('.')[0]}.labels.txt beside it",
-                path,
-            )
-        else:
-            labels, labels_source = [f"output_{i}" for i in range(num_outputs)], "unnamed outputs"
-    labels = check_labels(labels, num_outputs, labels_source, path)
-
-    if preprocessing is None:
-        preprocessing = Preprocessing((spec.default_input_size,) * 2)
-    preprocessing = preprocessing.replace(input_size, mean, std)
-
+    labels, labels_source = _label_names(o, facts, path, num_outputs, require_labels)
+    preprocessing = (facts.preprocessing or Preprocessing((spec.default_input_size,) * 2)).replace(
+        o.input_size, o.mean, o.std)
     model = build_model(arch, num_outputs, **(arch_kwargs or {}))
     load_weights(model, state_dict, arch, path)
     model.eval()
-    return Teacher(
-        name=name or path.name.split(".")[0],
-        arch=arch,
-        arch_kwargs=dict(arch_kwargs or {}),
-        labels=labels,
-        task=task,
-        preprocessing=preprocessing,
-        model=model,
-        source=path,
-        source_format=source_format,
-        task_assumed=task_assumed,
-        labels_source=labels_source,
-    )
+    return Teacher(name=facts.name or path.name.split(".")[0], arch=arch, arch_kwargs=dict(arch_kwargs or {}),
+                   labels=labels, task=facts.task, preprocessing=preprocessing, model=model, source=path,
+                   source_format=facts.source_format, task_assumed=facts.task_assumed, labels_source=labels_source)

@@ -258,12 +258,11 @@ class StepLoop:
     """Runs step functions, reporting losses, throughput and ETA, and honouring cancellation."""
 
     def __init__(self, emit: Emit, cancel: CancelToken, metrics: MetricsLog, total_steps: int, start_step: int,
-                 teacher_of: Callable[[str], tuple[str, str]], report_every: int = 1):
+                 teacher_of: Callable[[str], tuple[str, str]]):
         self.emit, self.cancel, self.metrics = emit, cancel, metrics
         self.state = LoopState(step=start_step, total_steps=total_steps, started=time.monotonic())
         self.start_step = start_step
         self.teacher_of = teacher_of
-        self.report_every = report_every
 
     def run_epoch(self, batches: Iterator[torch.Tensor], step_fn: Callable[[torch.Tensor], dict[str, float]],
                   stage: str, block: int | None, epoch: int) -> dict[str, float]:
@@ -282,11 +281,9 @@ class StepLoop:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             self.metrics.write(s.step, stage, block, epoch, losses, self.teacher_of)
-            if s.step % self.report_every == 0 or s.step == s.total_steps:
-                elapsed = max(1e-9, time.monotonic() - s.started)
-                done = s.step - self.start_step
-                eta = elapsed / max(1, done) * (s.total_steps - s.step)
-                self.emit(StepLosses(s.step, s.total_steps, stage, block, epoch, losses, s.images_seen / elapsed, eta))
+            elapsed = max(1e-9, time.monotonic() - s.started)
+            eta = elapsed / max(1, s.step - self.start_step) * (s.total_steps - s.step)
+            self.emit(StepLosses(s.step, s.total_steps, stage, block, epoch, losses, s.images_seen / elapsed, eta))
         self.metrics.flush()
         return {k: v / max(1, count) for k, v in sums.items()}
 

@@ -1,4 +1,4 @@
-"""Backbones: the supported architectures, split into blocks + head (DESIGN "Blocks")."""
+"""Backbones: the supported architectures, split into blocks + head (``docs/architecture.md``, "Blocks")."""
 
 from .blocks import GRANULARITIES, BlockNet, Unit, eval_mode
 from .detect import detect_architecture, normalize_state_dict_keys

@@ -1,4 +1,4 @@
-"""Networks seen as blocks: ``[B_1 ... B_n]`` followed by a head (DESIGN "Blocks").
+"""Networks seen as blocks: ``[B_1 ... B_n]`` followed by a head (``docs/architecture.md``, "Blocks").
 
 Filtered-KA (Eq. 3) writes a teacher as a stack of blocks ``A^1 ... A^B`` plus the fully connected
 layers ``F``; every method of the engine works on that view. A :class:`BlockNet` is built *around*

@@ -74,14 +74,19 @@ class MethodResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def register(method_id: str, module: str) -> None:
+    """Make the method whose ``METHOD`` is in ``module`` (an importable module name) available as
+    ``method_id``, e.g. a method of one's own outside this package (``docs/architecture.md``, "Adding a
+    method"); a built-in id cannot be taken."""
+    if method_id in MODULES and MODULES[method_id] != module:
+        raise KamalError(f"method id {method_id!r} is taken (by {MODULES[method_id]}); choose another id")
+    MODULES[method_id] = module
+
+
 def get_method(method_id: str) -> MethodInfo:
     if method_id not in MODULES:
         raise KamalError(f"unknown method {method_id!r}; available: {', '.join(MODULES)}")
     return importlib.import_module(MODULES[method_id]).METHOD
-
-
-def all_methods() -> list[MethodInfo]:
-    return [get_method(m) for m in MODULES]
 
 
 def resolve_params(method: MethodInfo, given: dict[str, Any], error: Callable[[str, str], Exception]) -> dict[str, Any]:

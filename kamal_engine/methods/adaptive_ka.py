@@ -40,6 +40,9 @@ Readings where the paper leaves room:
 
 The paper's optimiser settings are in its supplementary material, which we do not have: SGD with
 momentum 0.9, the poly policy and weight decay 5e-4 are our choice (the other methods' schedule).
+
+Seeds (:meth:`~.common.RunContext.seeded`): component i (1-based) is phase i, the target net phase
+|tasks| + 1; epoch e of phase n draws its batches from phase 1000 n + e.
 """
 
 from __future__ import annotations
@@ -55,14 +58,14 @@ from torch import nn
 
 from ..backbones import build_model, split_model
 from ..backbones.blocks import BlockNet
-from .bridge import TransferBridge, paired_block
 from ..errors import KamalError
-from ..events import StageStarted
 from ..preprocessing import Preprocessing
 from ..teacher import Teacher
-from ..training import StepLoop, autocast, poly_schedule, set_mode
+from ..training import StepLoop, autocast, set_mode
 from . import MethodInfo, MethodResult, Param
-from .common import RunContext, steps_per_epoch, whole_net
+from .bridge import TransferBridge, paired_block
+from .common import RunContext, sgd_params, steps_per_epoch, whole_net
+from .phases import Phase, sgd_epochs
 
 
 def entropy_impurity(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -239,151 +242,133 @@ def new_network(ctx: RunContext, outputs: int, width: int) -> tuple[nn.Module, d
     return model, kwargs
 
 
-def run(ctx: RunContext) -> MethodResult:
-    p, selection, device = ctx.params, ctx.selection, ctx.device
-    granularity, batch = p["granularity"], p["batch_size"]
-    images = ctx.images
-    spe = steps_per_epoch(len(images), batch)
-    two_stage = p["variant"] == "two-stage"
-    tasks = selection.tasks
-    total = (len(tasks) * p["component_epochs"] * spe if two_stage else 0) + p["target_epochs"] * spe
-    for t in selection.teachers:
-        t.model.to(device)
-    set_mode([], [t.model for t in selection.teachers])
+def train_round(ctx: RunContext, loop: StepLoop, phase: int, stage: str, model: nn.Module, sources: list[Source],
+                round_tasks: list[RoundTask], epochs: int, title: tuple[int | None, str | None, int | None],
+                components: dict[str, dict]) -> AmalgamationRound:
+    """One round (Eq. 8) of ``model`` for ``epochs`` epochs, resumed from a checkpoint of this phase;
+    the round's ``selection_share`` says how often each teacher was selected in the last epoch."""
+    p, device, images = ctx.params, ctx.device, ctx.images
+    spe = steps_per_epoch(len(images), p["batch_size"])
+    ctx.seeded(phase)  # the bridges' initial weights
+    model.to(device)
+    round_ = AmalgamationRound(split_model(model, ctx.student_arch, p["granularity"]), ctx.student_preprocessing,
+                               sources, round_tasks, p).to(device)
+    current = ctx.saved().get("current") or {}
+    resume = current if current.get("phase") == phase else None
+    if resume:
+        model.load_state_dict(current["model"])
+        round_.load_state_dict(current["round"])
+    share = torch.zeros(len(sources))  # the feature teacher's weights summed over the epoch's images
 
-    state = ctx.checkpoint.load() or {}
-    components_state: dict[str, dict] = state.get("components", {})
-    loop = StepLoop(ctx.emit, ctx.cancel, ctx.metrics, total, state.get("step", 0), _teacher_of)
-    report: dict[str, Any] = {"variant": p["variant"], "granularity": granularity}
+    def batches(epoch: int):
+        share.zero_()
+        return images.batches(p["batch_size"], ctx.seeded(phase * 1000 + epoch))
 
-    def train(phase: int, stage: str, model: nn.Module, arch: str, sources: list[Source], round_tasks,
-              epochs: int, title: tuple[int | None, str | None, int | None]) -> AmalgamationRound:
-        """One round (Eq. 8) for ``epochs`` epochs; resumes from a checkpoint of this phase."""
-        torch.manual_seed(ctx.phase_seed(phase))
-        model.to(device)
-        round_ = AmalgamationRound(split_model(model, arch, granularity), ctx.student_preprocessing, sources,
-                                   round_tasks, p).to(device)
-        trainable = list(model.parameters()) + list(round_.bridges.parameters())
-        optimizer = torch.optim.SGD([{"params": trainable},
-                                     {"params": [round_.scale.raw], "weight_decay": 0.0}],
-                                    lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
-        schedule = poly_schedule(optimizer, epochs * spe, p["poly_power"])
-        current = state.get("current") or {}
-        done = 0
-        if current.get("phase") == phase:
-            model.load_state_dict(current["model"])
-            round_.load_state_dict(current["round"])
-            optimizer.load_state_dict(current["optimizer"])
-            schedule.load_state_dict(current["schedule"])
-            done = current["epochs_done"]
-        block, block_name, blocks = title
-        ctx.emit(StageStarted(stage, block, block_name, blocks, epochs, epochs * spe))
-        set_mode([model, round_.bridges], [s.net for s in sources])
-        share = torch.zeros(len(sources))
+    def loss(idx: torch.Tensor):
+        with autocast(device, ctx.precision):
+            terms = round_(images.images[idx].to(device))
+        weights = terms["feature_weights"].detach().cpu()
+        share.add_(weights.sum(0))
+        out = {k: float(terms[k].detach()) for k in ("loss", "soft", "transfer", "reg")}
+        per_sample = terms["per_sample"].cpu()
+        for t, src in enumerate(sources):
+            w = weights[:, t]
+            if float(w.sum()) > 0:
+                out[f"teacher:{src.name}"] = float((w * per_sample).sum() / w.sum())
+        return terms["loss"], out
 
-        def step(idx):
-            with autocast(device, ctx.precision):
-                terms = round_(images.images[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            schedule.step()
-            weights = terms["feature_weights"].detach().cpu()
-            share.add_(weights.sum(0))
-            out = {k: float(terms[k].detach()) for k in ("loss", "soft", "transfer", "reg")}
-            per_sample = terms["per_sample"].cpu()
-            for t, src in enumerate(sources):
-                w = weights[:, t]
-                if float(w.sum()) > 0:
-                    out[f"teacher:{src.name}"] = float((w * per_sample).sum() / w.sum())
-            return out
+    def checkpoint(epoch: int, state: dict) -> None:
+        ctx.save(loop, components=components, current={"phase": phase, **state, "model": model.state_dict(),
+                                                        "round": round_.state_dict(), "share": share.tolist()})
 
-        for epoch in range(done + 1, epochs + 1):
-            share.zero_()
-            seed = ctx.phase_seed(phase * 1000 + epoch)
-            torch.manual_seed(seed)
-            loop.run_epoch(images.batches(batch, torch.Generator().manual_seed(seed)), step, stage, block, epoch)
-            ctx.checkpoint.save({"step": loop.state.step, "components": components_state,
-                                 "current": {"phase": phase, "epochs_done": epoch, "model": model.state_dict(),
-                                             "round": round_.state_dict(), "optimizer": optimizer.state_dict(),
-                                             "schedule": schedule.state_dict(), "share": share.tolist()}})
-        model.eval()
-        round_.eval()
-        last = share.tolist() if done < epochs else (state.get("current") or {}).get("share", share.tolist())
-        round_.selection_share = {s.name: v / max(1e-9, sum(last)) for s, v in zip(sources, last)}
-        return round_
+    block, block_name, blocks = title
+    trainable = list(model.parameters()) + list(round_.bridges.parameters())
+    parameters = [{"params": trainable}, {"params": [round_.scale.raw], "weight_decay": 0.0}]  # λ not decayed
+    phase_ = Phase(stage, [model, round_.bridges], [s.net for s in sources], p["lr"], epochs, spe, block, block_name,
+                   blocks, parameters=parameters)
+    sgd_epochs(ctx, loop, phase_, batches, loss, resume=resume, after_epoch=checkpoint)
+    model.eval()
+    round_.eval()
+    last = current["share"] if resume and resume["epochs_done"] >= epochs else share.tolist()
+    round_.selection_share = {s.name: v / max(1e-9, sum(last)) for s, v in zip(sources, last)}
+    return round_
 
-    teacher_sources = [Source(t.name, t.blocks(granularity), t.preprocessing, {}) for t in selection.teachers]
 
-    def teachers_of(task_index: int | None) -> list[Source]:
-        """Stage 1 (one task): the teachers covering it; one-shot (None): every teacher covering a task."""
-        sources = []
-        for n, src in enumerate(teacher_sources):
-            covered = selection.covered_by(n)
-            if task_index is not None:
-                columns = {0: cols for task, cols in covered if task is tasks[task_index]}
-            else:
-                columns = {tasks.index(task): cols for task, cols in covered}
-            if columns:
-                sources.append(Source(src.name, src.net, src.preprocessing, columns))
-        return sources
+def teachers_of(selection, granularity: str, task_index: int | None) -> list[Source]:
+    """Stage 1 (one task): the teachers covering it; one-shot (None): every teacher covering a task."""
+    sources, tasks = [], selection.tasks
+    for n, teacher in enumerate(selection.teachers):
+        covered = selection.covered_by(n)
+        if task_index is not None:
+            columns = {0: cols for task, cols in covered if task is tasks[task_index]}
+        else:
+            columns = {tasks.index(task): cols for task, cols in covered}
+        if columns:
+            sources.append(Source(teacher.name, teacher.blocks(granularity), teacher.preprocessing, columns))
+    return sources
 
-    target_tasks = [RoundTask(t.name, t.kind, tuple(t.positions), tuple(t.labels)) for t in tasks]
-    target_phase = len(tasks) + 1
-    if two_stage:
-        components: list[tuple[nn.Module, dict[str, Any]]] = []
-        report["components"] = {}
-        for i, task in enumerate(tasks, 1):
-            torch.manual_seed(ctx.phase_seed(i))  # the new classifier's draw does not depend on earlier phases
-            model, kwargs = new_network(ctx, len(task.labels), p["component_width"])
-            round_tasks = [RoundTask(task.name, task.kind, tuple(range(len(task.labels))), tuple(task.labels))]
-            sources = teachers_of(i - 1)
-            entry: dict[str, Any] = {"teachers": [s.name for s in sources]}
-            if task.name in components_state:
-                model.load_state_dict(components_state[task.name]["model"])
-                model.to(device).eval()
-                entry["selection_share"] = components_state[task.name]["share"]
-                entry["scales"] = components_state[task.name]["scales"]
-            else:
-                round_ = train(i, "component", model, ctx.student_arch, sources, round_tasks, p["component_epochs"],
-                               (i, task.name, len(tasks)))
-                entry["selection_share"] = round_.selection_share
-                entry["scales"] = {s.name: float(v) for s, v in zip(sources, round_.scale().detach().cpu())}
-                components_state[task.name] = {"model": model.state_dict(), "share": entry["selection_share"],
-                                               "scales": entry["scales"]}
-                ctx.checkpoint.save({"step": loop.state.step, "components": components_state})
-            components.append((model, kwargs))
-            net = whole_net(model, ctx.student_arch, kwargs, list(task.labels), round_tasks)
-            if ctx.output_dir is not None:
-                path = ctx.output_dir / "components" / f"{slug(task.name)}.kamal.pt"
-                Teacher(f"component-{slug(task.name)}", ctx.student_arch, list(task.labels), task.kind,
-                        ctx.student_preprocessing, model, arch_kwargs=kwargs).save(path)
-                entry["file"] = str(path)
-            if ctx.evaluate is not None:
-                evaluation = ctx.evaluate(net)
-                entry["validation"] = {"ap": evaluation.ap, "mean_ap": evaluation.mean_ap,
-                                       "accuracy": evaluation.accuracy}
-            report["components"][task.name] = entry
-        sources = [Source(f"component:{task.name}", split_model(model, ctx.student_arch, granularity),
-                          ctx.student_preprocessing, {i: tuple(range(len(task.labels)))})
-                   for i, (task, (model, _)) in enumerate(zip(tasks, components))]
-        set_mode([], [m for m, _ in components])
+
+def component_net(ctx: RunContext, loop: StepLoop, i: int, components: dict[str, dict]
+                  ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Stage 1 for task i (1-based): its component net (trained, or as a resumed run had finished it),
+    its constructor arguments and its report entry; saved in ``components/`` of the run folder."""
+    p, task = ctx.params, ctx.selection.tasks[i - 1]
+    ctx.seeded(i)  # the new classifier's draw does not depend on earlier phases
+    model, kwargs = new_network(ctx, len(task.labels), p["component_width"])
+    round_tasks = [RoundTask(task.name, task.kind, tuple(range(len(task.labels))), tuple(task.labels))]
+    sources = teachers_of(ctx.selection, p["granularity"], i - 1)
+    entry: dict[str, Any] = {"teachers": [s.name for s in sources]}
+    if task.name in components:
+        model.load_state_dict(components[task.name]["model"])
+        model.to(ctx.device).eval()
     else:
-        sources = teachers_of(None)
-    target = ctx.student
-    round_ = train(target_phase, "target", target, ctx.student_arch, sources, target_tasks, p["target_epochs"],
-                   (None, None, None))
+        round_ = train_round(ctx, loop, i, "component", model, sources, round_tasks, p["component_epochs"],
+                             (i, task.name, len(ctx.selection.tasks)), components)
+        components[task.name] = {"model": model.state_dict(), "share": round_.selection_share,
+                                 "scales": {s.name: float(v) for s, v in zip(sources, round_.scale().detach().cpu())}}
+        ctx.save(loop, components=components, current=None)
+    entry["selection_share"] = components[task.name]["share"]
+    entry["scales"] = components[task.name]["scales"]
+    if ctx.output_dir is not None:
+        path = ctx.output_dir / "components" / f"{slug(task.name)}.kamal.pt"
+        Teacher(f"component-{slug(task.name)}", ctx.student_arch, list(task.labels), task.kind,
+                ctx.student_preprocessing, model, arch_kwargs=kwargs).save(path)
+        entry["file"] = str(path)
+    if ctx.evaluate is not None:
+        evaluation = ctx.evaluate(whole_net(model, ctx.student_arch, kwargs, list(task.labels), round_tasks))
+        entry["validation"] = {"ap": evaluation.ap, "mean_ap": evaluation.mean_ap, "accuracy": evaluation.accuracy}
+    return model, kwargs, entry
+
+
+def run(ctx: RunContext) -> MethodResult:
+    """Two-stage: a component net per task, then the target net from them; one-shot: the target net from
+    the teachers."""
+    p, selection, tasks = ctx.params, ctx.selection, ctx.selection.tasks
+    spe = steps_per_epoch(len(ctx.images), p["batch_size"])
+    two_stage = p["variant"] == "two-stage"
+    for t in selection.teachers:
+        t.model.to(ctx.device)
+    set_mode([], [t.model for t in selection.teachers])
+    loop = ctx.loop((len(tasks) * p["component_epochs"] * spe if two_stage else 0) + p["target_epochs"] * spe)
+    report: dict[str, Any] = {"variant": p["variant"], "granularity": p["granularity"]}
+    if two_stage:
+        components = dict(ctx.saved().get("components", {}))
+        nets = [component_net(ctx, loop, i, components) for i in range(1, len(tasks) + 1)]
+        report["components"] = {task.name: entry for task, (_, _, entry) in zip(tasks, nets)}
+        sources = [Source(f"component:{task.name}", split_model(model, ctx.student_arch, p["granularity"]),
+                          ctx.student_preprocessing, {i: tuple(range(len(task.labels)))})
+                   for i, (task, (model, _, _)) in enumerate(zip(tasks, nets))]
+        set_mode([], [model for model, _, _ in nets])
+    else:
+        components, sources = {}, teachers_of(selection, p["granularity"], None)
+    target_tasks = [RoundTask(t.name, t.kind, tuple(t.positions), tuple(t.labels)) for t in tasks]
+    round_ = train_round(ctx, loop, len(tasks) + 1, "target", ctx.student, sources, target_tasks, p["target_epochs"],
+                         (None, None, None), components)
     report["target"] = {"teachers": [s.name for s in sources], "selection_share": round_.selection_share,
                         "scales": {s.name: float(v) for s, v in zip(sources, round_.scale().detach().cpu())}}
-    net = whole_net(target.cpu(), ctx.student_arch, ctx.student_arch_kwargs, selection.labels, tasks).to(device)
-    net.eval()
+    net = whole_net(ctx.student.cpu(), ctx.student_arch, ctx.student_arch_kwargs, selection.labels, tasks)
+    net.to(ctx.device).eval()
     return MethodResult(net, "stage", report)
-
-
-def _teacher_of(key: str) -> tuple[str, str]:
-    if key.startswith("teacher:"):
-        return key[8:], ""
-    return "", ""
 
 
 METHOD = MethodInfo(
@@ -409,11 +394,7 @@ METHOD = MethodInfo(
               "(as printed), 'off' (λ = 1)", choices=("relative", "free", "off")),
         Param("granularity", "stage", "blocks the transfer bridges sit after: 'stage' or 'unit'",
               choices=("stage", "unit")),
-        Param("batch_size", 32, "images per step", minimum=2),
-        Param("lr", 0.01, "base learning rate (poly policy)", minimum=0.0),
-        Param("momentum", 0.9, "SGD momentum", minimum=0.0),
-        Param("weight_decay", 5e-4, "weight decay (not on λ)", minimum=0.0),
-        Param("poly_power", 0.9, "power of the poly learning-rate policy", minimum=0.0),
+        *sgd_params(batch_size=32, weight_decay=5e-4, weight_decay_help="weight decay (not on λ)"),
     ),
     run=run,
     shared_labels=True,

@@ -1,11 +1,16 @@
-"""What a method gets from the runner, and helpers the methods share."""
+"""What a method gets from the runner (:class:`RunContext`), and the helpers every method shares:
+seeding a phase, resuming from the run's checkpoint, one optimiser step, the loss bookkeeping.
+
+The shared phases built on these (block-wise training, fine-tuning) are in :mod:`.phases`, the
+block pairing and regrouping of the block-wise methods in :mod:`.blockwise`
+(``docs/architecture.md``, "Adding a method").
+"""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +21,7 @@ from ..preprocessing import Preprocessing
 from ..selection import TaskSelection
 from ..targetnet import Branch, BranchSpec, TargetNet, TaskGroup
 from ..training import MetricsLog, StepLoop, UnlabeledImages, autocast, task_losses
+from . import Param
 
 
 @dataclass
@@ -43,18 +49,41 @@ class RunContext:
         """A seed per phase (block, fine-tuning...), so a resumed run repeats the same draws."""
         return self.seed * 1009 + phase
 
-    def loop(self, total_steps: int, start_step: int) -> StepLoop:
-        names = {f"teacher:{t.name}": t.name for t in self.selection.teachers}
+    def draw(self, phase: int) -> torch.Generator:
+        """A generator of ``phase``'s seed, for the phase's batches and noise (torch's global generator
+        is left alone)."""
+        return torch.Generator().manual_seed(self.phase_seed(phase))
+
+    def seeded(self, phase: int) -> torch.Generator:
+        """Seed torch's global generator for ``phase`` (new layers' initial weights) and return
+        :meth:`draw`'s generator: the draws of a phase do not depend on the phases before it, so a
+        resumed run repeats them. A method numbers its own phases (its module says how)."""
+        torch.manual_seed(self.phase_seed(phase))
+        return self.draw(phase)
+
+    def saved(self) -> dict[str, Any]:
+        """What the run's checkpoint holds (``{}`` for a fresh run): the finished phases' state."""
+        return self.checkpoint.load() or {}
+
+    def save(self, loop: StepLoop, **parts: Any) -> None:
+        """Checkpoint after a phase: ``parts`` merged into the saved state, with the loop's step
+        (where a resumed run continues; a part set to None is dropped)."""
+        state = {**self.saved(), **parts, "step": loop.state.step}
+        self.checkpoint.save({k: v for k, v in state.items() if v is not None})
+
+    def loop(self, total_steps: int) -> StepLoop:
+        """The step loop of the run, continuing at the checkpoint's step; metrics rows name the teacher
+        (``teacher:<name>``) and the task (``task:<name>``) a logged value belongs to."""
         task_teacher = {f"task:{t.name}": self.selection.teachers[t.teacher].name for t in self.selection.tasks}
 
         def teacher_of(key: str) -> tuple[str, str]:
-            if key in names:
-                return names[key], ""
+            if key.startswith("teacher:"):
+                return key.split(":", 1)[1], ""
             if key in task_teacher:
                 return task_teacher[key], key.split(":", 1)[1]
             return "", ""
 
-        return StepLoop(self.emit, self.cancel, self.metrics, total_steps, start_step, teacher_of)
+        return StepLoop(self.emit, self.cancel, self.metrics, total_steps, self.saved().get("step", 0), teacher_of)
 
     def all_targets(self, idx: torch.Tensor) -> torch.Tensor:
         """Soft targets of every selected output, in the student's label order, for images ``idx``."""
@@ -71,16 +100,70 @@ class RunContext:
             logits = forward(self.images.images[idx].to(self.device))
         return task_losses(logits, self.all_targets(idx), self.selection.tasks)
 
-    def soft_target_step(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
-                         optimizer: torch.optim.Optimizer, schedule) -> dict[str, float]:
-        """One SGD step on Eq. 7, ``L = 1/|C| Σ_tasks ℓ``; returns the logged losses."""
+    def soft_target_loss(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor
+                         ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. 7 on images ``idx``, ``L = 1/|C| Σ_tasks ℓ``, and the values to log."""
         per_task = self.batch_losses(forward, idx)
         loss = per_task.sum() / len(self.selection.tasks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        return loss, loss_dict(loss, per_task, self.selection)
+
+
+def descend(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule=None) -> None:
+    """One optimiser step on ``loss`` (gradients cleared first), and one of the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if schedule is not None:
         schedule.step()
-        return loss_dict(loss, per_task, self.selection)
+
+
+@dataclass(frozen=True)
+class Term:
+    """A named term of a method's total loss, weighted by the method parameter ``weight`` (None: 1),
+    so the report and the metrics list each term (as torchdistill's ``sub_terms``)."""
+
+    name: str
+    weight: str | None = None
+
+    def factor(self, params: dict[str, Any]) -> float:
+        return 1.0 if self.weight is None else float(params[self.weight])
+
+
+def total_loss(terms: Sequence[Term], values: dict[str, torch.Tensor], params: dict[str, Any]) -> torch.Tensor:
+    """``Σ weight · value`` over ``terms``, in their order."""
+    total = None
+    for term in terms:
+        part = term.factor(params) * values[term.name]
+        total = part if total is None else total + part
+    return total
+
+
+def describe_terms(terms: Sequence[Term], params: dict[str, Any], means: dict[str, float] | None = None,
+                   prefix: str = "") -> list[dict[str, Any]]:
+    """The terms for the report: name, weight, the parameter that sets it and, where ``means`` (an
+    epoch's means, as :meth:`StepLoop.run_epoch` returns them, keyed ``prefix + name``) has it, the
+    term's mean over the last epoch trained."""
+    rows = []
+    for t in terms:
+        row = {"term": t.name, "weight": t.factor(params), "param": t.weight}
+        if means and prefix + t.name in means:
+            row["last_epoch_mean"] = means[prefix + t.name]
+        rows.append(row)
+    return rows
+
+
+def sgd_params(*, batch_size: int, weight_decay: float, batch_help: str = "images per step",
+               lr_help: str = "base learning rate (poly policy)", weight_decay_help: str = "weight decay",
+               poly_help: str = "power of the poly learning-rate policy") -> tuple[Param, ...]:
+    """The ``Param`` rows of SGD with the poly policy, which every SGD-trained method has:
+    ``batch_size``, ``lr``, ``momentum``, ``weight_decay``, ``poly_power``."""
+    return (
+        Param("batch_size", batch_size, batch_help, minimum=2),
+        Param("lr", 0.01, lr_help, minimum=0.0),
+        Param("momentum", 0.9, "SGD momentum", minimum=0.0),
+        Param("weight_decay", weight_decay, weight_decay_help, minimum=0.0),
+        Param("poly_power", 0.9, poly_help, minimum=0.0),
+    )
 
 
 def loss_dict(loss: torch.Tensor, per_task: torch.Tensor, selection: TaskSelection) -> dict[str, float]:
@@ -98,11 +181,6 @@ def loss_dict(loss: torch.Tensor, per_task: torch.Tensor, selection: TaskSelecti
 def steps_per_epoch(n_images: int, batch_size: int) -> int:
     full, rest = divmod(n_images, batch_size)
     return full + (1 if rest >= 2 else 0)
-
-
-def copy_module(module: nn.Module) -> nn.Module:
-    """An independent copy (the TargetNet owns its parts; the frozen teachers stay untouched)."""
-    return copy.deepcopy(module)
 
 
 def whole_net(model: nn.Module, arch: str, arch_kwargs: dict[str, Any], labels: list[str], tasks) -> TargetNet:

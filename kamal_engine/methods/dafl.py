@@ -28,19 +28,20 @@ distribution"): no generator, the student learns by KD on N(0, 1) images.
 The generated images are read as normalised the student's way; a teacher with other
 preprocessing sees the same picture in its own normalisation (:class:`GeneratedImages`). A
 preview grid is emitted every ``preview_every`` steps. Checkpoints after every epoch (generator,
-student and both optimisers), so ``--resume`` continues with the same random draws.
+student and both optimisers), so ``--resume`` continues with the same random draws. Seeds: the
+generator's initial weights are phase 0, epoch e's noise phase e.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .datafree import activation_loss, information_entropy_loss, one_hot_loss
 from ..events import SamplesGenerated, StageStarted
-from .generators import DCGANGenerator, GeneratedImages
-from ..training import autocast, set_mode, task_losses, task_probabilities
+from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
-from .common import RunContext, loss_dict, whole_student
+from .common import RunContext, Term, descend, describe_terms, loss_dict, total_loss, whole_student
+from .datafree import activation_loss, information_entropy_loss, one_hot_loss
+from .generators import DCGANGenerator, GeneratedImages
 
 
 class TeacherDiscriminator:
@@ -64,82 +65,91 @@ class TeacherDiscriminator:
         return torch.cat(logits, 1), features
 
 
+GENERATOR_TERMS = (Term("one-hot", "one_hot"), Term("activation", "alpha"), Term("entropy", "beta"))  # Eq. 7
+
+
+class DAFL:
+    """One dafl run: the generator, the student, their optimisers, and the alternating step."""
+
+    def __init__(self, ctx: RunContext):
+        p = ctx.params
+        self.ctx, self.p, self.device, self.tasks = ctx, p, ctx.device, ctx.selection.tasks
+        self.student = whole_student(ctx).to(self.device)
+        self.size = tuple(ctx.student_preprocessing.input_size)
+        self.view = GeneratedImages(ctx.student_preprocessing)
+        self.teachers = TeacherDiscriminator(ctx, self.view)
+        for t in ctx.selection.teachers:
+            t.model.to(self.device)
+        self.use_generator = p["source"] == "generator"
+        ctx.seeded(0)
+        self.generator = DCGANGenerator(p["latent_dim"], self.size, p["generator_width"]).to(self.device)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=p["lr_generator"], betas=(0.5, 0.999))
+        self.opt_s = torch.optim.Adam(self.student.parameters(), lr=p["lr_student"])
+        self.parts = {"student": self.student, "generator": self.generator, "opt_student": self.opt_s,
+                      "opt_generator": self.opt_g}  # what a checkpoint holds
+
+    def images(self, count: int, draw: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """A batch for the student and the teachers' logits on it: generated after one generator step
+        (Module 1, Eq. 7), or N(0, 1) noise for the ``source = "noise"`` baseline."""
+        p = self.p
+        z = torch.randn(count, p["latent_dim"], generator=draw).to(self.device)
+        if not self.use_generator:
+            x = torch.randn(count, 3, *self.size, generator=draw).to(self.device)
+            with torch.no_grad(), autocast(self.device, self.ctx.precision):
+                return x, self.teachers(x)[0], {}
+        with autocast(self.device, self.ctx.precision):
+            x = self.generator(z)
+            logits, features = self.teachers(x)
+        values = {"one-hot": one_hot_loss(logits, self.tasks), "activation": activation_loss(features),
+                  "entropy": information_entropy_loss(logits, self.tasks)}
+        l_total = total_loss(GENERATOR_TERMS, values, p)
+        descend(l_total, self.opt_g)
+        logged = {"generator:total": float(l_total.detach()),
+                  **{f"generator:{k}": float(v.detach()) for k, v in values.items()}}
+        return x.detach(), logits.detach(), logged
+
+    def step(self, loop: StepLoop, idx: torch.Tensor, draw: torch.Generator) -> dict[str, float]:
+        """One generator step, then one student step by KD on the same images (Module 2, Eq. 1); the
+        teachers are fixed, so their logits from the generator's pass are the targets."""
+        x, teacher_logits, logged = self.images(len(idx), draw)
+        targets = task_probabilities(teacher_logits, self.tasks)
+        with autocast(self.device, self.ctx.precision):
+            per_task = task_losses(self.student(x), targets, self.tasks)
+        loss = per_task.sum() / len(self.tasks)
+        descend(loss, self.opt_s)
+        if self.p["preview_every"] and (loop.state.step + 1) % self.p["preview_every"] == 0:
+            self.ctx.emit(SamplesGenerated(loop.state.step + 1, self.view.preview(x)))
+        return {**loss_dict(loss, per_task, self.ctx.selection), **logged}
+
+
 def run(ctx: RunContext) -> MethodResult:
-    p, selection, device = ctx.params, ctx.selection, ctx.device
-    tasks = selection.tasks
-    student = whole_student(ctx).to(device)
-    size = tuple(ctx.student_preprocessing.input_size)
-    view = GeneratedImages(ctx.student_preprocessing)
-    teachers = TeacherDiscriminator(ctx, view)
-    for t in selection.teachers:
-        t.model.to(device)
-    use_generator = p["source"] == "generator"
-    torch.manual_seed(ctx.phase_seed(0))
-    generator = DCGANGenerator(p["latent_dim"], size, p["generator_width"]).to(device)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=p["lr_generator"], betas=(0.5, 0.999))
-    opt_s = torch.optim.Adam(student.parameters(), lr=p["lr_student"])
+    """Epochs of alternating generator and student steps, resumed after the last finished epoch."""
+    p, dafl = ctx.params, DAFL(ctx)
     batch, iterations, epochs = p["batch_size"], p["iterations"], p["epochs"]
-    total = epochs * iterations
     decay_from = max(1, int(round(0.8 * epochs)))
-
-    state = ctx.checkpoint.load() or {}
-    done = state.get("epochs_done", 0)
+    saved = ctx.saved()
+    done = saved.get("epochs_done", 0)
     if done:
-        student.load_state_dict(state["student"])
-        generator.load_state_dict(state["generator"])
-        opt_s.load_state_dict(state["opt_student"])
-        opt_g.load_state_dict(state["opt_generator"])
-    loop = ctx.loop(total, state.get("step", 0))
-    ctx.emit(StageStarted("train", None, None, len(student.trunk), epochs, total))
-    set_mode([student, generator] if use_generator else [student], [t.model for t in selection.teachers])
-
-    def step(idx: torch.Tensor, draw: torch.Generator) -> dict[str, float]:
-        z = torch.randn(len(idx), p["latent_dim"], generator=draw).to(device)
-        losses = {}
-        if use_generator:  # Module 1: the generator against the fixed teachers (Eq. 7)
-            with autocast(device, ctx.precision):
-                x = generator(z)
-                logits, features = teachers(x)
-            l_oh = one_hot_loss(logits, tasks)
-            l_a = activation_loss(features)
-            l_ie = information_entropy_loss(logits, tasks)
-            l_total = p["one_hot"] * l_oh + p["alpha"] * l_a + p["beta"] * l_ie
-            opt_g.zero_grad(set_to_none=True)
-            l_total.backward()
-            opt_g.step()
-            x, teacher_logits = x.detach(), logits.detach()
-            losses = {f"generator:{k}": float(v.detach()) for k, v in
-                      (("total", l_total), ("one-hot", l_oh), ("activation", l_a), ("entropy", l_ie))}
-        else:  # the "normal distribution" baseline
-            x = torch.randn(len(idx), 3, *size, generator=draw).to(device)
-            with torch.no_grad(), autocast(device, ctx.precision):
-                teacher_logits = teachers(x)[0]
-        # Module 2: the student by KD on the same images (Eq. 1); the teachers are fixed, so their
-        # logits from the generator's pass are the targets
-        targets = task_probabilities(teacher_logits, tasks)
-        with autocast(device, ctx.precision):
-            per_task = task_losses(student(x), targets, tasks)
-        loss = per_task.sum() / len(tasks)
-        opt_s.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_s.step()
-        if p["preview_every"] and (loop.state.step + 1) % p["preview_every"] == 0:
-            ctx.emit(SamplesGenerated(loop.state.step + 1, view.preview(x)))
-        return {**loss_dict(loss, per_task, selection), **losses}
-
+        for key, part in dafl.parts.items():
+            part.load_state_dict(saved[key])
+    loop = ctx.loop(epochs * iterations)
+    ctx.emit(StageStarted("train", None, None, len(dafl.student.trunk), epochs, epochs * iterations))
+    set_mode([dafl.student, dafl.generator] if dafl.use_generator else [dafl.student],
+             [t.model for t in ctx.selection.teachers])
+    means: dict[str, float] = {}
     for epoch in range(done + 1, epochs + 1):
-        for group in opt_s.param_groups:
+        for group in dafl.opt_s.param_groups:
             group["lr"] = p["lr_student"] * (0.1 if epoch > decay_from else 1.0)
-        draw = torch.Generator().manual_seed(ctx.phase_seed(epoch))
+        draw = ctx.draw(epoch)
         batches = (torch.arange(i * batch, (i + 1) * batch) for i in range(iterations))
-        loop.run_epoch(batches, lambda idx: step(idx, draw), "train", None, epoch)
-        ctx.checkpoint.save({"epochs_done": epoch, "step": loop.state.step, "student": student.state_dict(),
-                             "generator": generator.state_dict(), "opt_student": opt_s.state_dict(),
-                             "opt_generator": opt_g.state_dict()})
-    student.eval()
+        means = loop.run_epoch(batches, lambda idx: dafl.step(loop, idx, draw), "train", None, epoch)
+        ctx.save(loop, epochs_done=epoch, **{key: part.state_dict() for key, part in dafl.parts.items()})
+    dafl.student.eval()
     report = {"epochs": epochs, "iterations": iterations, "source": p["source"],
               "generated_images": epochs * iterations * batch}
-    return MethodResult(student, "stage", report)
+    if dafl.use_generator:
+        report["loss_terms"] = {"generator": describe_terms(GENERATOR_TERMS, p, means, "generator:")}
+    return MethodResult(dafl.student, "stage", report)
 
 
 METHOD = MethodInfo(

@@ -48,7 +48,9 @@ filtered-KA's (Eq. 10) and fine-tuned on generated images against the teachers (
 
 The paper gives no step counts or generator optimiser; ours: Adam (β1 = 0.5) for G as in DAFL,
 ``iterations`` steps per epoch of generated batches. Checkpoints after every generator epoch, every
-block and the fine-tuning, so ``--resume`` continues with the same random draws.
+block and the fine-tuning, so ``--resume`` continues with the same random draws. Seeds: G's initial
+weights phase 0, generator epoch e phase e, block b phase 1000 + b, the fine-tuning 2000, the
+generated images measuring η 3000.
 """
 
 from __future__ import annotations
@@ -56,258 +58,236 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .datafree import activation_loss, discrete_loss, information_entropy_loss, one_hot_loss
 from ..errors import KamalError
 from ..events import BlockConverged, BranchPlanChosen, SamplesGenerated, StageStarted
 from ..filters import build_filter
-from .generators import GeneratedImages, GroupStackGenerator, group_boundaries
-from ..targetnet import choose_branch_points
-from ..training import autocast, poly_schedule, set_mode, task_losses, task_probabilities
+from ..targetnet import TargetNet, choose_branch_points
+from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
-from .common import RunContext, loss_dict
-from .filtered_ka import ap_by_block, assemble, filters_state, pair_blocks, restore_filters
+from .blockwise import pair_blocks, regroup, resume_blocks, save_block
+from .common import RunContext, Term, descend, describe_terms, loss_dict, sgd_params, total_loss
+from .datafree import activation_loss, discrete_loss, information_entropy_loss, one_hot_loss
+from .generators import GeneratedImages, GroupStackGenerator, group_boundaries
+from .phases import Loss, train_block
 
-FINETUNE_PHASE, EVAL_PHASE, BLOCK_PHASE = 2000, 3000, 1000
+
+FINETUNE_PHASE, EVAL_PHASE, BLOCK_PHASE = 2000, 3000, 1000  # seeds: generator epoch e is phase e, block b 1000 + b
+GAN_TERMS = (Term("one-hot"), Term("activation", "alpha"), Term("entropy", "beta"), Term("discrete", "gamma"),
+             Term("groups"))  # Eq. 12: L_gan (Eq. 9) of the image group + the intermediate groups' agreement
 
 
-def run(ctx: RunContext) -> MethodResult:
-    p, selection, device = ctx.params, ctx.selection, ctx.device
-    granularity, tasks, teachers = p["granularity"], ctx.selection.tasks, ctx.selection.teachers
-    paired = pair_blocks(ctx, granularity, p["reduction"])
-    teacher_nets, student_blocks, specs, names = paired.teachers, list(paired.student.blocks), paired.specs, paired.names
-    n_blocks = len(student_blocks)
-    if p["groups"] > n_blocks:
-        raise KamalError(f"[method] groups = {p['groups']}, but the student has {n_blocks} blocks at '{granularity}' "
-                         "granularity and the generator can have at most one group per block: lower groups")
-    boundaries = group_boundaries(p["groups"], n_blocks)
-    last = len(boundaries) - 1
-    size = tuple(ctx.student_preprocessing.input_size)
-    shapes = [(3, *size) if b == 0 else paired.student_shapes[b - 1] for b in boundaries]
-    second_stream = {b + 1: j for j, b in enumerate(boundaries) if b > 0}  # block -> group feeding its input
-    view = GeneratedImages(ctx.student_preprocessing)
-    active = [n for n in range(len(teachers)) if selection.tasks_of(n)]
-    outputs_of = {n: [o for t in selection.tasks_of(n) for o in t.outputs] for n in active}
-    batch, iterations = p["batch_size"], p["iterations"]
-    total = iterations * (p["generator_epochs"] + n_blocks * p["epochs_per_block"] + p["finetune_epochs"])
+class DualGAN:
+    """One dual-gan run: the group-stack generator G, its filters, the teachers as discriminators, and
+    the step functions of the three steps."""
 
-    ctx.student.to(device)
-    for t in teachers:
-        t.model.to(device)
-    set_mode([], [t.model for t in teachers])
-    torch.manual_seed(ctx.phase_seed(0))
-    generator = GroupStackGenerator(p["latent_dim"], shapes, p["generator_width"]).to(device)
-    group_filters = nn.ModuleDict({f"{j}:{n}": build_filter(specs[b - 1][n]) for j, b in enumerate(boundaries)
-                                   if b > 0 for n in active}).to(device)
-    opt_g = torch.optim.Adam([*generator.parameters(), *group_filters.parameters()], lr=p["lr_generator"],
-                             betas=(0.5, 0.999))
+    def __init__(self, ctx: RunContext):
+        p, selection = ctx.params, ctx.selection
+        self.ctx, self.p, self.selection, self.device = ctx, p, selection, ctx.device
+        self.tasks, self.teachers = selection.tasks, selection.teachers
+        self.paired = paired = pair_blocks(ctx, p["granularity"], p["reduction"])
+        self.n_blocks = n_blocks = len(paired.names)
+        if p["groups"] > n_blocks:
+            raise KamalError(f"[method] groups = {p['groups']}, but the student has {n_blocks} blocks at "
+                             f"'{p['granularity']}' granularity and the generator can have at most one group per "
+                             "block: lower groups")
+        self.boundaries = group_boundaries(p["groups"], n_blocks)
+        self.last = len(self.boundaries) - 1
+        size = tuple(ctx.student_preprocessing.input_size)
+        shapes = [(3, *size) if b == 0 else paired.student_shapes[b - 1] for b in self.boundaries]
+        self.second_stream = {b + 1: j for j, b in enumerate(self.boundaries) if b > 0}  # block -> group feeding it
+        self.view = GeneratedImages(ctx.student_preprocessing)
+        self.active, self.outputs_of = paired.active, paired.outputs
+        self.total = p["iterations"] * (p["generator_epochs"] + n_blocks * p["epochs_per_block"] + p["finetune_epochs"])
+        ctx.student.to(self.device)
+        for t in self.teachers:
+            t.model.to(self.device)
+        set_mode([], [t.model for t in self.teachers])
+        ctx.seeded(0)
+        self.generator = GroupStackGenerator(p["latent_dim"], shapes, p["generator_width"]).to(self.device)
+        self.group_filters = nn.ModuleDict({f"{j}:{n}": build_filter(paired.specs[b - 1][n])
+                                            for j, b in enumerate(self.boundaries) if b > 0
+                                            for n in self.active}).to(self.device)
+        self.opt_g = torch.optim.Adam([*self.generator.parameters(), *self.group_filters.parameters()],
+                                      lr=p["lr_generator"], betas=(0.5, 0.999))
 
-    state = ctx.checkpoint.load() or {}
-    generator_done = state.get("generator_epochs_done", 0)
-    if generator_done:
-        generator.load_state_dict(state["generator"])
-        group_filters.load_state_dict(state["group_filters"])
-        opt_g.load_state_dict(state["opt_generator"])
-    loop = ctx.loop(total, state.get("step", 0))
-
-    def judge(n: int, boundary: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def judge(self, n: int, boundary: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher n from ``boundary`` on: its selected logits and its features before the head."""
-        for block in list(teacher_nets[n].blocks)[boundary:]:
+        for block in list(self.paired.teachers[n].blocks)[boundary:]:
             x = block(x)
-        return teacher_nets[n].head(x)[:, outputs_of[n]], x
+        return self.paired.teachers[n].head(x)[:, self.outputs_of[n]], x
 
-    def discriminate(j: int, feature: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def discriminate(self, j: int, feature: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``O_gan(F^j)`` (Eq. 10-11): every teacher on group j's output, through the filter f^j_m."""
         logits, features = [], []
-        for n in active:
-            if boundaries[j] == 0:
-                x = view.for_teacher(feature, teachers[n].preprocessing)
+        for n in self.active:
+            if self.boundaries[j] == 0:
+                x = self.view.for_teacher(feature, self.teachers[n].preprocessing)
             else:
-                x = group_filters[f"{j}:{n}"](feature)
-            z, h = judge(n, boundaries[j], x)
+                x = self.group_filters[f"{j}:{n}"](feature)
+            z, h = self.judge(n, self.boundaries[j], x)
             logits.append(z)
             features.append(h)
         return torch.cat(logits, 1), features
 
-    def generated_batches():
+    def batches(self, draw: torch.Generator | None = None):
         """One epoch: ``iterations`` steps; the indices only tell the loop the batch size (images are drawn)."""
-        return (torch.arange(batch) for _ in range(iterations))
+        return (torch.arange(self.p["batch_size"]) for _ in range(self.p["iterations"]))
 
-    def noise(count: int, draw: torch.Generator) -> torch.Tensor:
-        return torch.randn(count, p["latent_dim"], generator=draw).to(device)
+    def noise(self, draw: torch.Generator) -> torch.Tensor:
+        return torch.randn(self.p["batch_size"], self.p["latent_dim"], generator=draw).to(self.device)
 
-    # Step I: the group-stack generator (Eq. 12)
-    if generator_done < p["generator_epochs"]:
-        ctx.emit(StageStarted("generator", None, None, n_blocks, p["generator_epochs"],
-                              p["generator_epochs"] * iterations))
-    set_mode([generator, group_filters], [])
-
-    def generator_step(draw: torch.Generator) -> dict[str, float]:
-        with autocast(device, ctx.precision):
-            features = generator(noise(batch, draw))
-            logits, teacher_features = discriminate(last, features[-1])
-            l_oh = one_hot_loss(logits, tasks)
-            l_a = activation_loss(teacher_features)
-            l_ie = information_entropy_loss(logits, tasks)
-            l_dis = discrete_loss(logits, tasks, p["discrete_on"])
-            l_gan = l_oh + p["alpha"] * l_a + p["beta"] * l_ie + p["gamma"] * l_dis
+    def generator_step(self, loop: StepLoop, draw: torch.Generator) -> dict[str, float]:
+        """Step I (Eq. 12): one Adam step of G and its filters against the fixed teachers."""
+        p, tasks = self.p, self.tasks
+        with autocast(self.device, self.ctx.precision):
+            features = self.generator(self.noise(draw))
+            logits, teacher_features = self.discriminate(self.last, features[-1])
             target = task_probabilities(logits.detach(), tasks)
-            joint, l_groups = l_gan, torch.zeros(())
-            if last > 0:
-                l_groups = torch.stack([task_losses(discriminate(j, features[j])[0], target, tasks).sum() / len(tasks)
-                                        for j in range(last)]).mean()
-                joint = l_gan + l_groups
-        opt_g.zero_grad(set_to_none=True)
-        joint.backward()
-        opt_g.step()
+            groups = torch.zeros(())
+            if self.last > 0:
+                groups = torch.stack([task_losses(self.discriminate(j, features[j])[0], target, tasks).sum() / len(tasks)
+                                      for j in range(self.last)]).mean()
+            values = {"one-hot": one_hot_loss(logits, tasks), "activation": activation_loss(teacher_features),
+                      "entropy": information_entropy_loss(logits, tasks),
+                      "discrete": discrete_loss(logits, tasks, p["discrete_on"]), "groups": groups}
+            joint = total_loss(GAN_TERMS, values, p)
+        descend(joint, self.opt_g)
         if p["preview_every"] and (loop.state.step + 1) % p["preview_every"] == 0:
-            ctx.emit(SamplesGenerated(loop.state.step + 1, view.preview(features[-1])))
-        return {"loss": float(joint.detach()), **{f"generator:{k}": float(v.detach()) for k, v in (
-            ("joint", joint), ("one-hot", l_oh), ("activation", l_a), ("entropy", l_ie), ("discrete", l_dis),
-            ("groups", l_groups))}}
+            self.ctx.emit(SamplesGenerated(loop.state.step + 1, self.view.preview(features[-1])))
+        return {"loss": float(joint.detach()), "generator:joint": float(joint.detach()),
+                **{f"generator:{k}": float(v.detach()) for k, v in values.items()}}
 
-    for epoch in range(generator_done + 1, p["generator_epochs"] + 1):
-        draw = torch.Generator().manual_seed(ctx.phase_seed(epoch))
-        loop.run_epoch(generated_batches(), lambda idx: generator_step(draw),
-                       "generator", None, epoch)
-        state = {"generator_epochs_done": epoch, "step": loop.state.step, "generator": generator.state_dict(),
-                 "group_filters": group_filters.state_dict(), "opt_generator": opt_g.state_dict()}
-        ctx.checkpoint.save(state)
-
-    # Step II: the dual generator (the student), block by block (Eq. 13-17). G stays in train mode
-    # (its batch norms use the batch's statistics, as while it was trained) but gets no gradients.
-    generator.requires_grad_(False)
-    group_filters.requires_grad_(False)
+    def train_generator(self, loop: StepLoop) -> dict[str, float]:
+        """Step I, resumed after the last finished generator epoch; then G is fixed. Returns the last
+        epoch's mean losses (none when resumed after Step I)."""
+        p, ctx, saved = self.p, self.ctx, self.ctx.saved()
+        done = saved.get("generator_epochs_done", 0)
+        if done:
+            self.generator.load_state_dict(saved["generator"])
+            self.group_filters.load_state_dict(saved["group_filters"])
+            self.opt_g.load_state_dict(saved["opt_generator"])
+        if done < p["generator_epochs"]:
+            ctx.emit(StageStarted("generator", None, None, self.n_blocks, p["generator_epochs"],
+                                  p["generator_epochs"] * p["iterations"]))
+        set_mode([self.generator, self.group_filters], [])
+        means: dict[str, float] = {}
+        for epoch in range(done + 1, p["generator_epochs"] + 1):
+            draw = ctx.draw(epoch)
+            means = loop.run_epoch(self.batches(), lambda idx: self.generator_step(loop, draw), "generator", None, epoch)
+            ctx.save(loop, generator_epochs_done=epoch, generator=self.generator.state_dict(),
+                     group_filters=self.group_filters.state_dict(), opt_generator=self.opt_g.state_dict())
+        # G stays in train mode (its batch norms use the batch's statistics, as while it was trained) but
+        # gets no gradients
+        self.generator.requires_grad_(False)
+        self.group_filters.requires_grad_(False)
+        return means
 
     @torch.no_grad()
-    def generate(draw: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def generate(self, draw: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Generated features and image, and the teachers' selected probabilities on the image."""
-        with autocast(device, ctx.precision):
-            features = generator(noise(batch, draw))
-            return features, task_probabilities(discriminate(last, features[-1])[0], tasks)
+        with autocast(self.device, self.ctx.precision):
+            features = self.generator(self.noise(draw))
+            return features, task_probabilities(self.discriminate(self.last, features[-1])[0], self.tasks)
 
-    def dual_logits(b: int, fb: dict[int, nn.Module], x: torch.Tensor) -> torch.Tensor:
+    def dual_logits(self, b: int, fb: dict[int, nn.Module], x: torch.Tensor) -> torch.Tensor:
         """``g_m(O_m(F^b_u))`` for every teacher, side by side: T^b, the filter f^b_m, teacher m after b."""
-        feature = student_blocks[b - 1](x)
-        return torch.cat([teacher_nets[n].forward_from(b, fb[n](feature))[:, outputs_of[n]] for n in active], 1)
+        return self.paired.through_teachers(b, self.paired.student.blocks[b - 1](x), fb)
 
-    def image_stream(b: int, image: torch.Tensor) -> torch.Tensor:
+    def image_stream(self, b: int, image: torch.Tensor) -> torch.Tensor:
+        """``F^1_in``: the image through the student's frozen blocks before b."""
         with torch.no_grad():
-            for block in student_blocks[:b - 1]:
+            for block in list(self.paired.student.blocks)[:b - 1]:
                 image = block(image)
         return image
 
-    blocks_done = state.get("blocks_done", 0)
-    converged: dict[str, list[float]] = state.get("converged", {t.name: [] for t in tasks})
-    filters: dict[tuple[int, int], nn.Module] = {}
-    if blocks_done:
-        ctx.student.load_state_dict(state["student"])
-        filters = restore_filters(state["filters"], specs, device)
-    for k in range(1, blocks_done + 1):  # resumed: the finished blocks' converged losses, for the plots
-        ctx.emit(BlockConverged(k, names[k - 1], {task: losses[k - 1] for task, losses in converged.items()}))
-    eval_draw_seed = ctx.phase_seed(EVAL_PHASE)
+    def block_loss(self, b: int, fb: dict[int, nn.Module], draw: torch.Generator) -> Loss:
+        """Step II (Eq. 14-17): the image stream, plus the generator's own feature where a group ends."""
+        p, tasks = self.p, self.tasks
 
-    for b in range(blocks_done + 1, n_blocks + 1):
-        steps = p["epochs_per_block"] * iterations
-        ctx.emit(StageStarted("amalgamate", b, names[b - 1], n_blocks, p["epochs_per_block"], steps))
-        torch.manual_seed(ctx.phase_seed(BLOCK_PHASE + b))
-        fb = {n: build_filter(specs[b - 1][n]).to(device) for n in active}
-        block = student_blocks[b - 1]
-        set_mode([block, *fb.values()], student_blocks[:b - 1])
-        optimizer = ctx.sgd([q for m in (block, *fb.values()) for q in m.parameters()], p["lr"])
-        schedule = poly_schedule(optimizer, steps, p["poly_power"])
-        draw = torch.Generator().manual_seed(ctx.phase_seed(BLOCK_PHASE + b))
-
-        def block_step(b=b, fb=fb, optimizer=optimizer, schedule=schedule, draw=draw) -> dict[str, float]:
-            features, target = generate(draw)
-            with autocast(device, ctx.precision):
-                per_task = task_losses(dual_logits(b, fb, image_stream(b, features[-1])), target, tasks)
-                loss = p["lambda_image"] * per_task.sum() / len(tasks)
+        def loss(idx: torch.Tensor):
+            features, target = self.generate(draw)
+            with autocast(self.device, self.ctx.precision):
+                per_task = task_losses(self.dual_logits(b, fb, self.image_stream(b, features[-1])), target, tasks)
+                total = p["lambda_image"] * per_task.sum() / len(tasks)
                 extra = {}
-                if b in second_stream and p["lambda_generator"] > 0:
-                    per_task_g = task_losses(dual_logits(b, fb, features[second_stream[b]]), target, tasks)
+                if b in self.second_stream and p["lambda_generator"] > 0:
+                    per_task_g = task_losses(self.dual_logits(b, fb, features[self.second_stream[b]]), target, tasks)
                     loss_g = per_task_g.sum() / len(tasks)
-                    loss = loss + p["lambda_generator"] * loss_g
+                    total = total + p["lambda_generator"] * loss_g
                     extra["dual:generator-stream"] = float(loss_g.detach())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            return {**loss_dict(loss, per_task, selection), **extra}
+            return total, {**loss_dict(total, per_task, self.selection), **extra}
+        return loss
 
-        for epoch in range(1, p["epochs_per_block"] + 1):
-            loop.run_epoch(generated_batches(), lambda idx: block_step(), "amalgamate",
-                           b, epoch)
-
-        # η^{b,m}: the block's final weights, eval mode, a fixed set of generated images, the image stream
-        set_mode([], [block, *fb.values()])
-        eval_draw = torch.Generator().manual_seed(eval_draw_seed)
-        sums = torch.zeros(len(tasks))
+    def converged_losses(self, b: int, fb: dict[int, nn.Module]) -> dict[str, float]:
+        """η^{b,m}: the block's final weights, eval mode, a fixed set of generated images, the image stream."""
+        set_mode([], [self.paired.student.blocks[b - 1], *fb.values()])
+        eval_draw = self.ctx.draw(EVAL_PHASE)
+        sums = torch.zeros(len(self.tasks))
         with torch.no_grad():
-            for _ in range(p["eval_batches"]):
-                ctx.cancel.check()
-                features, target = generate(eval_draw)
-                with autocast(device, ctx.precision):
-                    sums += task_losses(dual_logits(b, fb, image_stream(b, features[-1])), target, tasks).cpu()
-        values = {t.name: float(v) for t, v in zip(tasks, sums / p["eval_batches"])}
+            for _ in range(self.p["eval_batches"]):
+                self.ctx.cancel.check()
+                features, target = self.generate(eval_draw)
+                with autocast(self.device, self.ctx.precision):
+                    sums += task_losses(self.dual_logits(b, fb, self.image_stream(b, features[-1])), target,
+                                        self.tasks).cpu()
+        return {t.name: float(v) for t, v in zip(self.tasks, sums / self.p["eval_batches"])}
+
+    def amalgamate_block(self, loop: StepLoop, b: int) -> tuple[dict[int, nn.Module], dict[str, float]]:
+        """Block b of Step II with G fixed; returns its filters and converged losses."""
+        draw = self.ctx.seeded(BLOCK_PHASE + b)
+        fb = {n: build_filter(self.paired.specs[b - 1][n]).to(self.device) for n in self.active}
+        train_block(self.ctx, loop, self.paired.student, b, fb.values(), epochs=self.p["epochs_per_block"], steps_per_epoch=self.p["iterations"],
+                    batches=self.batches, loss=self.block_loss(b, fb, draw))
+        return fb, self.converged_losses(b, fb)
+
+    def finetune_loss(self, net: TargetNet, draw: torch.Generator) -> Loss:
+        """The TargetNet against the teachers on generated images (Algorithm 1 line 23)."""
+        def loss(idx: torch.Tensor):
+            features, target = self.generate(draw)
+            with autocast(self.device, self.ctx.precision):
+                per_task = task_losses(net(features[-1]), target, self.tasks)
+            total = per_task.sum() / len(self.tasks)
+            return total, loss_dict(total, per_task, self.selection)
+        return loss
+
+    def branch_plan(self, converged: dict[str, list[float]], means: dict[str, float]) -> tuple[dict[str, int], dict]:
+        """Eq. 18: each teacher's tasks branch out together at the block of least mean converged loss."""
+        selection, teachers, names = self.selection, self.teachers, self.paired.names
+        by_teacher = {teachers[n].name: [sum(converged[t.name][k] for t in selection.tasks_of(n))
+                                         / len(selection.tasks_of(n)) for k in range(self.n_blocks)]
+                      for n in self.active}
+        teacher_plan = choose_branch_points(by_teacher)
+        plan = {t.name: teacher_plan[teachers[t.teacher].name] for t in self.tasks}
+        self.ctx.emit(BranchPlanChosen({task: names[k - 1] for task, k in plan.items()}))
+        return plan, {
+            "granularity": self.p["granularity"],
+            "blocks": names,
+            "generator_groups": [("image" if b == 0 else names[b - 1]) for b in self.boundaries],
+            "converged_loss": {task: dict(zip(names, losses)) for task, losses in converged.items()},
+            "converged_loss_by_teacher": {name: dict(zip(names, losses)) for name, losses in by_teacher.items()},
+            "branch_points": {task: names[k - 1] for task, k in plan.items()},
+            "generated_images": self.total * self.p["batch_size"],
+            "loss_terms": {"generator": describe_terms(GAN_TERMS, self.p, means, "generator:")},
+        }
+
+
+def run(ctx: RunContext) -> MethodResult:
+    """Step I (the generator), Step II (the student block by block), Step III (branch-out, fine-tuning)."""
+    gan = DualGAN(ctx)
+    loop = ctx.loop(gan.total)
+    means = gan.train_generator(loop)
+    blocks_done, converged, filters = resume_blocks(ctx, gan.paired)
+    for b in range(blocks_done + 1, gan.n_blocks + 1):
+        fb, values = gan.amalgamate_block(loop, b)
         for task, value in values.items():
             converged[task].append(value)
-        ctx.emit(BlockConverged(b, names[b - 1], values))
+        ctx.emit(BlockConverged(b, gan.paired.names[b - 1], values))
         filters.update({(b, n): f for n, f in fb.items()})
-        state = {**state, "blocks_done": b, "step": loop.state.step, "converged": converged,
-                 "student": ctx.student.state_dict(), "filters": filters_state(filters)}
-        ctx.checkpoint.save(state)
-
-    # Step III: per-teacher branch-out (Eq. 18) and the TargetNet (Eq. 19-20)
-    by_teacher = {teachers[n].name: [sum(converged[t.name][k] for t in selection.tasks_of(n)) / len(selection.tasks_of(n))
-                                     for k in range(n_blocks)] for n in active}
-    teacher_plan = choose_branch_points(by_teacher)
-    plan = {t.name: teacher_plan[teachers[t.teacher].name] for t in tasks}
-    ctx.emit(BranchPlanChosen({task: names[k - 1] for task, k in plan.items()}))
-
-    def build(plan_):
-        return assemble(plan_, student_blocks, names, teacher_nets, filters, specs, selection, granularity)
-
-    report = {
-        "granularity": granularity,
-        "blocks": names,
-        "generator_groups": [("image" if b == 0 else names[b - 1]) for b in boundaries],
-        "converged_loss": {task: dict(zip(names, losses)) for task, losses in converged.items()},
-        "converged_loss_by_teacher": {name: dict(zip(names, losses)) for name, losses in by_teacher.items()},
-        "branch_points": {task: names[k - 1] for task, k in plan.items()},
-        "generated_images": total * batch,
-    }
-    if ctx.evaluate is not None and p["ap_by_block"]:
-        report["ap_by_block"] = ap_by_block(ctx, build, names)
-
-    net = build(plan).to(device)
-    if state.get("finetuned"):
-        net.load_state_dict(state["targetnet"])
-    elif p["finetune_epochs"] > 0:
-        steps = p["finetune_epochs"] * iterations
-        ctx.emit(StageStarted("finetune", None, None, n_blocks, p["finetune_epochs"], steps))
-        torch.manual_seed(ctx.phase_seed(FINETUNE_PHASE))
-        set_mode([net], [])
-        optimizer = ctx.sgd(net.parameters(), p["finetune_lr"])
-        schedule = poly_schedule(optimizer, steps, p["poly_power"])
-        draw = torch.Generator().manual_seed(ctx.phase_seed(FINETUNE_PHASE))
-
-        def finetune_step() -> dict[str, float]:
-            features, target = generate(draw)
-            with autocast(device, ctx.precision):
-                per_task = task_losses(net(features[-1]), target, tasks)
-            loss = per_task.sum() / len(tasks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            return loss_dict(loss, per_task, selection)
-
-        for epoch in range(1, p["finetune_epochs"] + 1):
-            loop.run_epoch(generated_batches(), lambda idx: finetune_step(), "finetune",
-                           None, epoch)
-        ctx.checkpoint.save({**state, "finetuned": True, "step": loop.state.step, "targetnet": net.state_dict()})
-    net.eval()
-    return MethodResult(net, granularity, report)
+        save_block(ctx, loop, b, converged, filters)
+    plan, report = gan.branch_plan(converged, means)
+    net = regroup(ctx, loop, gan.paired, filters, plan, report, phase=FINETUNE_PHASE,
+                  steps_per_epoch=ctx.params["iterations"], batches=gan.batches, loss=gan.finetune_loss)
+    return MethodResult(net, ctx.params["granularity"], report)
 
 
 METHOD = MethodInfo(
@@ -325,7 +305,6 @@ METHOD = MethodInfo(
         Param("epochs_per_block", 4, "epochs training each student block (Step II)", minimum=1),
         Param("finetune_epochs", 4, "epochs fine-tuning the branched TargetNet (0: none)", minimum=0),
         Param("iterations", 100, "steps per epoch, one generated batch each", minimum=1),
-        Param("batch_size", 64, "generated images per step", minimum=2),
         Param("latent_dim", 100, "size of the generator's input noise z", minimum=1),
         Param("generator_width", 64, "channels inside each generator group", minimum=1),
         Param("lr_generator", 0.02, "Adam learning rate of the generator and its filters", minimum=0.0),
@@ -337,11 +316,11 @@ METHOD = MethodInfo(
               "'probabilities' (p, as printed) or 'logits'", choices=("decision", "probabilities", "logits")),
         Param("lambda_image", 1.0, "weight λ1 of the image stream in Eq. 17 (paper: 1)", minimum=0.0),
         Param("lambda_generator", 1.0, "weight λ2 of the generator-feature stream in Eq. 17 (paper: 1)", minimum=0.0),
-        Param("lr", 0.01, "base learning rate of the block-wise training (paper: 0.01, poly policy)", minimum=0.0),
+        *sgd_params(batch_size=64, weight_decay=5e-3, batch_help="generated images per step",
+                    lr_help="base learning rate of the block-wise training (paper: 0.01, poly policy)",
+                    weight_decay_help="weight decay (paper: 5e-3)",
+                    poly_help="power of the poly learning-rate policy (paper: 0.9)"),
         Param("finetune_lr", 0.01, "base learning rate of the fine-tuning", minimum=0.0),
-        Param("momentum", 0.9, "SGD momentum", minimum=0.0),
-        Param("weight_decay", 5e-3, "weight decay (paper: 5e-3)", minimum=0.0),
-        Param("poly_power", 0.9, "power of the poly learning-rate policy (paper: 0.9)", minimum=0.0),
         Param("granularity", "stage", "blocks of the student: 'stage' or 'unit'", choices=("stage", "unit")),
         Param("reduction", 4, "channel reduction r of the teacher-level filters (supplementary: 4)", minimum=1),
         Param("eval_batches", 8, "generated batches measuring each block's converged loss (Eq. 18)", minimum=1),

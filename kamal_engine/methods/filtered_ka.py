@@ -39,111 +39,27 @@ Optimisation as in Section 4.1: SGD with the poly policy (power 0.9), base learn
 weight decay 5e-3 (momentum 0.9 is our choice; the paper does not give it). The paper's batch size
 16 is kept as the default. When a teacher's block k differs from the student's in shape, a 1x1-conv
 + resize adapter replaces the SE filter (the paper assumes equal shapes).
+
+Seeds (:meth:`~.common.RunContext.seeded`): block k is phase k, the fine-tuning phase B + 1.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from ..backbones import split_model
-from ..backbones.blocks import BlockNet, eval_mode
-from ..errors import KamalError
-from ..events import BlockConverged, BlockDiagnosed, BranchPlanChosen, RunWarning, StageStarted
+from ..backbones.blocks import eval_mode
+from ..events import BlockConverged, BlockDiagnosed, BranchPlanChosen, RunWarning
 from ..filters import FeatureAdapter, build_filter, filter_spec
 from ..profile import count_parameters
 from ..relatedness import channel_alignment, feature_cka, knowledge_share, least_squares_map, reference_losses
-from ..targetnet import (Branch, BranchSizes, BranchSpec, TargetNet, TaskGroup, choose_branch_points,
-                         fit_branch_plan)
-from ..training import (AUGMENTATIONS, autocast, consistent_views, poly_schedule, set_mode, task_losses,
-                        task_probabilities)
+from ..targetnet import TargetNet, choose_branch_points, fit_branch_plan
+from ..training import AUGMENTATIONS, StepLoop, autocast, consistent_views, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
-from .common import RunContext, copy_module, loss_dict, steps_per_epoch
-
-
-def assemble(plan: dict[str, int], trunk_blocks, trunk_names, teacher_nets, filters, specs, selection,
-             granularity: str) -> TargetNet:
-    """Eq. 10: the TargetNet for ``plan`` (task name → branch block), from independent copies of the parts."""
-    groups: dict[tuple[int, int], list] = {}
-    for task in selection.tasks:
-        groups.setdefault((task.teacher, plan[task.name]), []).append(task)
-    branches, branch_specs = [], []
-    for (n, k), tasks in sorted(groups.items()):
-        teacher, net = selection.teachers[n], teacher_nets[n]
-        outputs = [o for t in tasks for o in t.outputs]
-        spec = BranchSpec(block=k, source=teacher.name, arch=teacher.arch, arch_kwargs=dict(teacher.arch_kwargs),
-                          num_outputs=teacher.num_outputs, granularity=granularity, filter=specs[k - 1][n],
-                          outputs=outputs, positions=[p for t in tasks for p in t.positions],
-                          tasks=[t.name for t in tasks])
-        tail = [copy_module(b) for b in list(net.blocks)[k:]]
-        branches.append(Branch(copy_module(filters[(k, n)]), tail, copy_module(net.head), outputs))
-        branch_specs.append(spec)
-    groups_out = [TaskGroup(t.kind, list(t.positions), t.name) for t in selection.tasks]
-    return TargetNet([copy_module(b) for b in trunk_blocks], trunk_names, branches, branch_specs, selection.labels,
-                     groups_out)
-
-
-@dataclass
-class PairedBlocks:
-    """Student block k paired with block k of every teacher, and the filter spec joining them."""
-
-    student: BlockNet
-    teachers: list[BlockNet]
-    student_shapes: list[tuple[int, ...]]  # (C, H, W) of each student block's output
-    specs: list[list[dict]]  # specs[k-1][n]: student block k -> teacher n's block k+1
-    teacher_shapes: list[list[tuple[int, ...]]]  # teacher_shapes[n][k-1]: (C, H, W) of teacher n's block k
-
-    @property
-    def names(self) -> list[str]:
-        return self.student.block_names
-
-
-def pair_blocks(ctx: RunContext, granularity: str, reduction: int) -> PairedBlocks:
-    """The student and the teachers as blocks at ``granularity``; an error naming the teacher when the
-    block counts differ (the block-wise methods pair block k of the student with block k of each teacher)."""
-    teachers = ctx.selection.teachers
-    teacher_nets = [t.blocks(granularity) for t in teachers]
-    student_net = split_model(ctx.student, ctx.student_arch, granularity)
-    n_blocks = len(student_net)
-    for teacher, net in zip(teachers, teacher_nets):
-        if len(net) != n_blocks:
-            raise KamalError(f"teacher '{teacher.name}' ({teacher.arch}) has {len(net)} blocks at '{granularity}' "
-                             f"granularity and the student ({ctx.student_arch}) has {n_blocks}; {ctx.method_id} pairs "
-                             "block k of the student with block k of every teacher: choose a student with as many "
-                             "blocks or another granularity", teacher.source)
-    student_shapes = student_net.output_shapes(ctx.student_preprocessing.input_size)
-    teacher_shapes = [net.output_shapes(t.preprocessing.input_size) for t, net in zip(teachers, teacher_nets)]
-    specs = [[filter_spec(student_shapes[k], teacher_shapes[n][k], reduction) for n in range(len(teachers))]
-             for k in range(n_blocks)]
-    return PairedBlocks(student_net, teacher_nets, student_shapes, specs, teacher_shapes)
-
-
-def filters_state(filters: dict[tuple[int, int], torch.nn.Module]) -> dict[str, dict]:
-    """The trained filters f_k^n for a checkpoint, keyed ``"k:n"``."""
-    return {f"{k}:{n}": f.state_dict() for (k, n), f in filters.items()}
-
-
-def restore_filters(saved: dict[str, dict], specs: list[list[dict]], device) -> dict[tuple[int, int], torch.nn.Module]:
-    """The filters of :func:`filters_state`, rebuilt from their specs."""
-    filters = {}
-    for key, state_dict in saved.items():
-        k, n = map(int, key.split(":"))
-        filters[(k, n)] = build_filter(specs[k - 1][n]).to(device)
-        filters[(k, n)].load_state_dict(state_dict)
-    return filters
-
-
-def ap_by_block(ctx: RunContext, build: Callable[[dict[str, int]], TargetNet], names: list[str]) -> dict:
-    """The paper's Fig. 3 as a table: AP of the TargetNet with every task branching at block k."""
-    ctx.emit(StageStarted("evaluate-branch-points", blocks=len(names)))
-    table = {}
-    for k in range(1, len(names) + 1):
-        evaluation = ctx.evaluate(build({t.name: k for t in ctx.selection.tasks}).to(ctx.device))
-        table[names[k - 1]] = {"ap": evaluation.ap, "mean_ap": evaluation.mean_ap}
-    return table
+from .blockwise import PairedBlocks, branch_sizes, pair_blocks, regroup, resume_blocks, save_block
+from .common import RunContext, loss_dict, sgd_params, steps_per_epoch
+from .phases import Loss, train_block
 
 
 PROBE_BATCH = 64  # images per forward pass of the probe (the features are kept on the CPU)
@@ -200,270 +116,246 @@ def feature_distance(filtered: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return (filtered - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-8)
 
 
-def run(ctx: RunContext) -> MethodResult:
-    p, selection, device = ctx.params, ctx.selection, ctx.device
-    granularity = p["granularity"]
-    teachers = selection.teachers
-    paired = pair_blocks(ctx, granularity, p["reduction"])
-    teacher_nets, student_net, specs = paired.teachers, paired.student, paired.specs
-    n_blocks = len(student_net)
-    active = [n for n in range(len(teachers)) if selection.tasks_of(n)]
-    tasks_of = {n: selection.tasks_of(n) for n in active}
-    outputs_of = {n: [o for t in tasks_of[n] for o in t.outputs] for n in active}
-    task_index = {n: [i for i, t in enumerate(selection.tasks) if t.teacher == n] for n in active}
-    n_tasks = len(selection.tasks)
-    images, batch = ctx.images, p["batch_size"]
-    spe = steps_per_epoch(len(images), batch)
-    round_steps = p["epochs_per_block"] * spe
-    total = n_blocks * p["max_rounds_per_block"] * round_steps + p["finetune_epochs"] * spe
-    augment, weight = p["augment"], p["feature_weight"]
+class FilteredKA:
+    """One filtered-ka run's networks and its step functions (Eq. 4-7): the student's blocks paired with
+    the teachers', and which outputs of which teacher the selected tasks are."""
 
-    ctx.student.to(device)
-    for t in teachers:
-        t.model.to(device)
-    set_mode([], [t.model for t in teachers])
+    def __init__(self, ctx: RunContext):
+        p, selection = ctx.params, ctx.selection
+        self.ctx, self.p, self.selection, self.device = ctx, p, selection, ctx.device
+        self.paired = pair_blocks(ctx, p["granularity"], p["reduction"])
+        self.n_blocks = len(self.paired.names)
+        self.active, self.outputs_of = self.paired.active, self.paired.outputs
+        self.tasks_of = {n: selection.tasks_of(n) for n in self.active}
+        self.task_index = {n: [i for i, t in enumerate(selection.tasks) if t.teacher == n] for n in self.active}
+        self.spe = steps_per_epoch(len(ctx.images), p["batch_size"])
+        self.round_steps = p["epochs_per_block"] * self.spe
+        self.total = self.n_blocks * p["max_rounds_per_block"] * self.round_steps + p["finetune_epochs"] * self.spe
+        ctx.student.to(self.device)
+        for t in selection.teachers:
+            t.model.to(self.device)
+        set_mode([], [t.model for t in selection.teachers])
+        self.floors, self.priors = reference_losses(torch.cat(ctx.targets, 1), selection.tasks)
+        self.probe = torch.randperm(len(ctx.images), generator=torch.Generator().manual_seed(ctx.seed)
+                                    )[:p["diagnose_images"]]
 
-    state = ctx.checkpoint.load() or {}
-    blocks_done = state.get("blocks_done", 0)
-    converged: dict[str, list[float]] = state.get("converged", {t.name: [] for t in selection.tasks})
-    diagnosis: dict = state.get("diagnosis", {"blocks": []})
-    filters: dict[tuple[int, int], torch.nn.Module] = {}
-    if blocks_done:
-        specs[:] = state["specs"]
-        ctx.student.load_state_dict(state["student"])
-        filters = restore_filters(state["filters"], specs, device)
-    for k, block_diagnosis in enumerate(diagnosis["blocks"][:blocks_done], 1):  # resumed: what the finished blocks gave
-        name = student_net.block_names[k - 1]
-        ctx.emit(BlockConverged(k, name, {task: losses[k - 1] for task, losses in converged.items()}))
-        ctx.emit(BlockDiagnosed(k, name, block_diagnosis["teachers"]))
-    loop = ctx.loop(total - state.get("skipped_steps", 0), state.get("step", 0))
-    skipped = state.get("skipped_steps", 0)
-    targets_all = torch.cat(ctx.targets, 1)
-    floors, priors = reference_losses(targets_all, selection.tasks)
-    probe = torch.randperm(len(images), generator=torch.Generator().manual_seed(ctx.seed))[:p["diagnose_images"]]
+    def batches(self, generator: torch.Generator):
+        return self.ctx.images.batches(self.p["batch_size"], generator)
 
-    def teacher_views(x: torch.Tensor, k: int, need_targets: bool = True):
+    @torch.no_grad()
+    def teacher_views(self, x: torch.Tensor, k: int, need_targets: bool = True):
         """Each teacher's own F_n^k on the views ``x`` (k ≥ 1), and with ``need_targets`` the soft targets of
         every selected output on them (the teachers then run to their heads)."""
-        with torch.no_grad():
-            probs, features = [], {}
-            for n in active:
-                net = teacher_nets[n]
-                f = selection.teachers[n].preprocessing(x)
-                for j, block in enumerate(net.blocks, 1):
-                    if j > k and not need_targets:
-                        break
-                    f = block(f)
-                    if j == k:
-                        features[n] = f
-                if need_targets:
-                    probs.append(task_probabilities(net.head(f)[:, outputs_of[n]], tasks_of[n]))
-            return (torch.cat(probs, 1) if need_targets else None), features
+        probs, features = [], {}
+        for n in self.active:
+            net = self.paired.teachers[n]
+            f = self.selection.teachers[n].preprocessing(x)
+            for j, block in enumerate(net.blocks, 1):
+                if j > k and not need_targets:
+                    break
+                f = block(f)
+                if j == k:
+                    features[n] = f
+            if need_targets:
+                probs.append(task_probabilities(net.head(f)[:, self.outputs_of[n]], self.tasks_of[n]))
+        return (torch.cat(probs, 1) if need_targets else None), features
 
-    def student_feature(k: int, x: torch.Tensor) -> torch.Tensor:
-        xs = ctx.student_preprocessing(x)
+    def student_feature(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """``F_u^k = T^k(F_u^{k-1})``, the earlier (frozen) blocks without gradients."""
+        blocks = list(self.paired.student.blocks)
+        xs = self.ctx.student_preprocessing(x)
         with torch.no_grad():
-            for block in list(student_net.blocks)[:k - 1]:
+            for block in blocks[:k - 1]:
                 xs = block(xs)
-        return student_net.blocks[k - 1](xs)
+        return blocks[k - 1](xs)
 
-    def forward_tasks(k: int, x: torch.Tensor, fk: dict[int, torch.nn.Module]) -> torch.Tensor:
+    def forward_tasks(self, k: int, x: torch.Tensor, fk: dict[int, torch.nn.Module]) -> torch.Tensor:
         """Per-task logits of Eq. 6: student block k entangled with every teacher through f_k^n."""
-        feature = student_feature(k, x)
-        logits = [teacher_nets[n].forward_from(k, fk[n](feature))[:, outputs_of[n]] for n in active]
-        return torch.cat(logits, 1)
+        return self.paired.through_teachers(k, self.student_feature(k, x), fk)
 
-    def block_step(k, fk, optimizer, schedule, generator):
-        """One SGD step on Eq. 7 (+ λ·Eq. 5 when ``feature_weight`` > 0) on consistent views."""
-        def step(idx):
-            if augment == "none" and weight == 0:
-                per_task = ctx.batch_losses(lambda x: forward_tasks(k, x, fk), idx)
-                feature_terms = None
-            else:
-                with autocast(device, ctx.precision):
-                    x = consistent_views(images.images[idx], generator, augment).to(device)
-                    if augment == "none":  # the teachers' predictions on these very images are precomputed
-                        targets = ctx.all_targets(idx)
-                        _, teacher_f = teacher_views(x, k, need_targets=False)
-                    else:
-                        targets, teacher_f = teacher_views(x, k)
-                    feature = student_feature(k, x)
-                    filtered = {n: fk[n](feature) for n in active}
-                    logits = torch.cat([teacher_nets[n].forward_from(k, filtered[n])[:, outputs_of[n]]
-                                        for n in active], 1)
-                per_task = task_losses(logits, targets, selection.tasks)
-                feature_terms = ([feature_distance(filtered[n], teacher_f[n]) for n in active] if weight > 0
-                                 else None)
-            loss = per_task.sum() / n_tasks
-            if feature_terms:
-                loss = loss + weight * torch.stack(feature_terms).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            out = loss_dict(loss, per_task, selection)
-            if feature_terms:
-                out.update({f"feature:{teachers[n].name}": float(v) for n, v in zip(active, feature_terms)})
-            return out
-        return step
+    def block_loss(self, k: int, fk: dict[int, torch.nn.Module], generator: torch.Generator) -> Loss:
+        """Eq. 7 (+ λ·Eq. 5 when ``feature_weight`` > 0) for block k, on consistent views with ``augment``."""
+        ctx, augment, weight = self.ctx, self.p["augment"], self.p["feature_weight"]
+        if augment == "none" and weight == 0:
+            return lambda idx: ctx.soft_target_loss(lambda x: self.forward_tasks(k, x, fk), idx)
 
-    def converged_losses(k: int, fk) -> torch.Tensor:
+        def loss(idx: torch.Tensor):
+            with autocast(self.device, ctx.precision):
+                x = consistent_views(ctx.images.images[idx], generator, augment).to(self.device)
+                if augment == "none":  # the teachers' predictions on these very images are precomputed
+                    targets = ctx.all_targets(idx)
+                    _, teacher_f = self.teacher_views(x, k, need_targets=False)
+                else:
+                    targets, teacher_f = self.teacher_views(x, k)
+                feature = self.student_feature(k, x)
+                filtered = {n: fk[n](feature) for n in self.active}
+                logits = torch.cat([self.paired.teachers[n].forward_from(k, filtered[n])[:, self.outputs_of[n]]
+                                    for n in self.active], 1)
+            per_task = task_losses(logits, targets, self.selection.tasks)
+            total = per_task.sum() / len(self.selection.tasks)
+            logged = {}
+            if weight > 0:
+                terms = [feature_distance(filtered[n], teacher_f[n]) for n in self.active]
+                total = total + weight * torch.stack(terms).mean()
+                logged = {f"feature:{self.selection.teachers[n].name}": float(v.detach())
+                          for n, v in zip(self.active, terms)}
+            return total, {**loss_dict(total, per_task, self.selection), **logged}
+        return loss
+
+    def finetune_loss(self, net: TargetNet, generator: torch.Generator) -> Loss:
+        """Eq. 7 for the whole TargetNet (consistent views with ``augment``)."""
+        ctx = self.ctx
+        if self.p["augment"] == "none":
+            return lambda idx: ctx.soft_target_loss(lambda x: net(ctx.student_preprocessing(x)), idx)
+
+        def loss(idx: torch.Tensor):
+            with autocast(self.device, ctx.precision):
+                x = consistent_views(ctx.images.images[idx], generator, self.p["augment"]).to(self.device)
+                targets, _ = self.teacher_views(x, 0)
+                per_task = task_losses(net(ctx.student_preprocessing(x)), targets, self.selection.tasks)
+            total = per_task.sum() / len(self.selection.tasks)
+            return total, loss_dict(total, per_task, self.selection)
+        return loss
+
+    def converged_losses(self, k: int, fk) -> torch.Tensor:
         """Eq. 7's per-task loss with the block's current weights, eval mode, the whole unlabeled set."""
-        set_mode([], [student_net.blocks[k - 1], *fk.values()])
-        sums = torch.zeros(n_tasks)
+        ctx, images = self.ctx, self.ctx.images
+        set_mode([], [self.paired.student.blocks[k - 1], *fk.values()])
+        sums = torch.zeros(len(self.selection.tasks))
         with torch.no_grad():
             for start in range(0, len(images), 128):
                 ctx.cancel.check()
                 idx = torch.arange(start, min(start + 128, len(images)))
-                sums += ctx.batch_losses(lambda x: forward_tasks(k, x, fk), idx).cpu() * len(idx)
+                sums += ctx.batch_losses(lambda x: self.forward_tasks(k, x, fk), idx).cpu() * len(idx)
         return sums / len(images)
 
-    for k in range(blocks_done + 1, n_blocks + 1):
-        name = student_net.block_names[k - 1]
-        torch.manual_seed(ctx.phase_seed(k))
-        before_u, before_t = probe_features(ctx, paired, k, probe, active)
-        related = {n: feature_cka(before_u, before_t[n]) for n in active}
-        aligned = {n: channel_alignment(before_u, before_t[n]) for n in active}
-        for n in active:
-            specs[k - 1][n] = choose_filter(p, paired.student_shapes[k - 1], paired.teacher_shapes[n][k - 1],
+    def remaining(self, losses: torch.Tensor) -> float:
+        """Mean over the tasks of 1 − the knowledge share the converged ``losses`` reach."""
+        return sum(1 - knowledge_share(float(losses[i]), float(self.floors[i]), float(self.priors[i]))
+                   for i in range(len(losses))) / len(losses)
+
+    def new_filters(self, k: int) -> tuple[dict[int, torch.nn.Module], dict]:
+        """The filters f_k^n of block k, chosen and started from the probe images' features, and what the
+        features were like before the block was trained."""
+        specs, paired = self.paired.specs, self.paired
+        before_u, before_t = probe_features(self.ctx, paired, k, self.probe, self.active)
+        related = {n: feature_cka(before_u, before_t[n]) for n in self.active}
+        aligned = {n: channel_alignment(before_u, before_t[n]) for n in self.active}
+        for n in self.active:
+            specs[k - 1][n] = choose_filter(self.p, paired.student_shapes[k - 1], paired.teacher_shapes[n][k - 1],
                                             aligned[n])
-        fk = {n: new_filter(specs[k - 1][n], p, before_u, before_t[n]).to(device) for n in active}
-        block = student_net.blocks[k - 1]
-        generator = torch.Generator().manual_seed(ctx.phase_seed(k))
+        fk = {n: new_filter(specs[k - 1][n], self.p, before_u, before_t[n]).to(self.device) for n in self.active}
+        return fk, {"related": related, "aligned": aligned}
+
+    def amalgamate_block(self, loop: StepLoop, k: int) -> tuple[dict[int, torch.nn.Module], torch.Tensor, int, dict]:
+        """Block k (Algorithm 1 lines 3-10): rounds of ``epochs_per_block`` epochs while a round still lowers
+        the converged loss (a round that made it worse is undone); the steps of rounds not needed are taken
+        off the loop's total. Returns the filters, the converged losses, the rounds and the probe's view."""
+        p, block = self.p, self.paired.student.blocks[k - 1]
+        generator = self.ctx.seeded(k)
+        fk, before = self.new_filters(k)
         best, best_state, rounds = None, None, 0
         for r in range(1, p["max_rounds_per_block"] + 1):
-            ctx.emit(StageStarted("amalgamate", k, name, n_blocks, p["epochs_per_block"], round_steps))
-            set_mode([block, *fk.values()], [*list(student_net.blocks)[:k - 1]])
-            trainable = [q for m in (block, *fk.values()) for q in m.parameters()]
-            optimizer = ctx.sgd(trainable, p["lr"])
-            schedule = poly_schedule(optimizer, round_steps, p["poly_power"])
-            step = block_step(k, fk, optimizer, schedule, generator)
-            for epoch in range(1, p["epochs_per_block"] + 1):
-                loop.run_epoch(images.batches(batch, generator), step, "amalgamate", k, (r - 1) * p["epochs_per_block"] + epoch)
-            losses = converged_losses(k, fk)
-            rounds = r
+            train_block(self.ctx, loop, self.paired.student, k, fk.values(), epochs=p["epochs_per_block"], steps_per_epoch=self.spe,
+                        batches=lambda: self.batches(generator), loss=self.block_loss(k, fk, generator),
+                        epoch_offset=(r - 1) * p["epochs_per_block"])
+            losses, rounds = self.converged_losses(k, fk), r
             mean = float(losses.mean())
             improved = best is None or mean < float(best.mean())
             gain = 1.0 if best is None else (float(best.mean()) - mean) / max(float(best.mean()), 1e-12)
             if improved:
                 best = losses
                 best_state = copy.deepcopy([block.state_dict(), {n: f.state_dict() for n, f in fk.items()}])
-            remaining = sum(1 - knowledge_share(float(best[i]), float(floors[i]), float(priors[i]))
-                            for i in range(n_tasks)) / n_tasks
-            if (not improved or gain < p["converge_tolerance"] or remaining < p["converge_tolerance"]
+            if (not improved or gain < p["converge_tolerance"] or self.remaining(best) < p["converge_tolerance"]
                     or r == p["max_rounds_per_block"]):
                 break
         if best_state is not None and rounds > 1:  # a round that made it worse is undone
             block.load_state_dict(best_state[0])
             for n, f in fk.items():
                 f.load_state_dict(best_state[1][n])
-        left = (p["max_rounds_per_block"] - rounds) * round_steps
-        skipped += left
+        left = (p["max_rounds_per_block"] - rounds) * self.round_steps
         loop.state.total_steps -= left
-        values = {t.name: float(v) for t, v in zip(selection.tasks, best)}
-        for task, value in values.items():
-            converged[task].append(value)
-        after_u, after_t = probe_features(ctx, paired, k, probe, active)
-        set_mode([], [block, *fk.values()])
+        return fk, best, rounds, before
+
+    def diagnose(self, k: int, fk, best: torch.Tensor, rounds: int, before: dict) -> dict:
+        """Block k's row of the report's diagnosis: per teacher the filter, the features' relatedness before
+        and after, the knowledge share and gap; per task the converged loss against its floor."""
+        paired, active, teachers = self.paired, self.active, self.selection.teachers
+        after_u, after_t = probe_features(self.ctx, paired, k, self.probe, active)
+        set_mode([], [paired.student.blocks[k - 1], *fk.values()])
         with torch.no_grad():
-            reached = {n: feature_cka(torch.cat([fk[n](chunk.to(device)).float().cpu()
+            reached = {n: feature_cka(torch.cat([fk[n](chunk.to(self.device)).float().cpu()
                                                  for chunk in after_u.split(PROBE_BATCH)]), after_t[n])
                        for n in active}
-        shares = [knowledge_share(float(best[i]), float(floors[i]), float(priors[i])) for i in range(n_tasks)]
-        diagnosis["blocks"].append({
-            "block": name, "rounds": rounds,
+        floors, tasks = self.floors, self.selection.tasks
+        shares = [knowledge_share(float(best[i]), float(floors[i]), float(self.priors[i])) for i in range(len(tasks))]
+        index = self.task_index
+        return {
+            "block": paired.names[k - 1], "rounds": rounds,
             "teachers": {teachers[n].name: {
-                "filter": specs[k - 1][n]["kind"], "related_before": round(related[n], 4),
-                "aligned_before": round(aligned[n], 4),
+                "filter": paired.specs[k - 1][n]["kind"], "related_before": round(before["related"][n], 4),
+                "aligned_before": round(before["aligned"][n], 4),
                 "related_after": round(reached[n], 4),
-                "share": round(sum(shares[i] for i in task_index[n]) / len(task_index[n]), 4),
-                "gap": round(sum(float(best[i] - floors[i]) for i in task_index[n]) / len(task_index[n]), 5),
+                "share": round(sum(shares[i] for i in index[n]) / len(index[n]), 4),
+                "gap": round(sum(float(best[i] - floors[i]) for i in index[n]) / len(index[n]), 5),
             } for n in active},
             "tasks": {t.name: {"loss": round(float(best[i]), 5), "floor": round(float(floors[i]), 5),
-                               "share": round(shares[i], 4)} for i, t in enumerate(selection.tasks)},
-        })
-        ctx.emit(BlockConverged(k, name, values))
-        ctx.emit(BlockDiagnosed(k, name, diagnosis["blocks"][-1]["teachers"]))
+                               "share": round(shares[i], 4)} for i, t in enumerate(tasks)},
+        }
+
+    def branch_plan(self, converged: dict, filters: dict, diagnosis: dict) -> tuple[dict[str, int], dict]:
+        """Eq. 9's branch points, capped by ``max_size`` (:func:`fit_branch_plan`), and the report so far."""
+        names, selection, teachers = self.paired.names, self.selection, self.selection.teachers
+        eq9 = choose_branch_points(converged)
+        sizes = branch_sizes(self.paired.student, self.paired.teachers, filters, self.n_blocks)
+        teacher_of = {t.name: t.teacher for t in selection.tasks}
+        budget = None
+        if self.p["max_size"] > 0:
+            budget = int(self.p["max_size"] * sum(count_parameters(teachers[n].model) for n in self.active))
+        plan, how = fit_branch_plan(eq9, converged, teacher_of, sizes, budget)
+        self.ctx.emit(BranchPlanChosen({task: names[k - 1] for task, k in plan.items()}))
+        warnings = knowledge_warnings(diagnosis, plan, selection, names, self.p["warn_share"])
+        for message in warnings:
+            self.ctx.emit(RunWarning(message))
+        return plan, {
+            "granularity": self.p["granularity"],
+            "blocks": names,
+            "converged_loss": {task: dict(zip(names, losses)) for task, losses in converged.items()},
+            "branch_points": {task: names[k - 1] for task, k in plan.items()},
+            "branch_plan": {"rule": how, "eq9": {task: names[k - 1] for task, k in eq9.items()},
+                            "eq9_parameters": sizes.size(eq9, teacher_of), "budget_parameters": budget,
+                            "parameters": sizes.size(plan, teacher_of)},
+            "diagnosis": {**diagnosis, "floor": {t.name: round(float(f), 5) for t, f in zip(selection.tasks, self.floors)},
+                          "warnings": warnings},
+        }
+
+
+def run(ctx: RunContext) -> MethodResult:
+    """Algorithm 1: every block in turn (resumed after the last finished one), the branch plan, the
+    TargetNet fine-tuned."""
+    ka = FilteredKA(ctx)
+    blocks_done, converged, filters = resume_blocks(ctx, ka.paired)
+    saved = ctx.saved()
+    diagnosis: dict = saved.get("diagnosis", {"blocks": []})
+    for k, block_diagnosis in enumerate(diagnosis["blocks"][:blocks_done], 1):
+        ctx.emit(BlockDiagnosed(k, ka.paired.names[k - 1], block_diagnosis["teachers"]))
+    skipped = saved.get("skipped_steps", 0)
+    loop = ctx.loop(ka.total - skipped)
+    for k in range(blocks_done + 1, ka.n_blocks + 1):
+        fk, best, rounds, before = ka.amalgamate_block(loop, k)
+        skipped += (ctx.params["max_rounds_per_block"] - rounds) * ka.round_steps
+        values = {t.name: float(v) for t, v in zip(ctx.selection.tasks, best)}
+        for task, value in values.items():
+            converged[task].append(value)
+        diagnosis["blocks"].append(ka.diagnose(k, fk, best, rounds, before))
+        ctx.emit(BlockConverged(k, ka.paired.names[k - 1], values))
+        ctx.emit(BlockDiagnosed(k, ka.paired.names[k - 1], diagnosis["blocks"][-1]["teachers"]))
         filters.update({(k, n): f for n, f in fk.items()})
-        ctx.checkpoint.save({
-            "blocks_done": k, "step": loop.state.step, "skipped_steps": skipped, "converged": converged,
-            "student": ctx.student.state_dict(), "specs": specs, "diagnosis": diagnosis,
-            "filters": filters_state(filters),
-        })
-
-    names = student_net.block_names
-    eq9 = choose_branch_points(converged)
-    sizes = branch_sizes(student_net, teacher_nets, filters, n_blocks)
-    teacher_of = {t.name: t.teacher for t in selection.tasks}
-    budget = None
-    if p["max_size"] > 0:
-        budget = int(p["max_size"] * sum(count_parameters(teachers[n].model) for n in active))
-    plan, how = fit_branch_plan(eq9, converged, teacher_of, sizes, budget)
-    ctx.emit(BranchPlanChosen({task: names[k - 1] for task, k in plan.items()}))
-
-    def build(plan_):
-        return assemble(plan_, list(student_net.blocks), names, teacher_nets, filters, specs, selection, granularity)
-
-    warnings = knowledge_warnings(diagnosis, plan, selection, names, p["warn_share"])
-    for message in warnings:
-        ctx.emit(RunWarning(message))
-    report = {
-        "granularity": granularity,
-        "blocks": names,
-        "converged_loss": {task: dict(zip(names, losses)) for task, losses in converged.items()},
-        "branch_points": {task: names[k - 1] for task, k in plan.items()},
-        "branch_plan": {"rule": how, "eq9": {task: names[k - 1] for task, k in eq9.items()},
-                        "eq9_parameters": sizes.size(eq9, teacher_of), "budget_parameters": budget,
-                        "parameters": sizes.size(plan, teacher_of)},
-        "diagnosis": {**diagnosis, "floor": {t.name: round(float(f), 5) for t, f in zip(selection.tasks, floors)},
-                      "warnings": warnings},
-    }
-    if ctx.evaluate is not None and p["ap_by_block"]:  # before fine-tuning, as the paper's Fig. 3
-        report["ap_by_block"] = ap_by_block(ctx, build, names)
-
-    net = build(plan).to(device)
-    if state.get("finetuned"):
-        net.load_state_dict(state["targetnet"])
-    elif p["finetune_epochs"] > 0:
-        phase = n_blocks + 1
-        ctx.emit(StageStarted("finetune", None, None, n_blocks, p["finetune_epochs"], p["finetune_epochs"] * spe))
-        torch.manual_seed(ctx.phase_seed(phase))
-        set_mode([net], [])
-        optimizer = ctx.sgd(net.parameters(), p["finetune_lr"])
-        schedule = poly_schedule(optimizer, p["finetune_epochs"] * spe, p["poly_power"])
-        generator = torch.Generator().manual_seed(ctx.phase_seed(phase))
-
-        def finetune_step(idx):
-            if augment == "none":
-                return ctx.soft_target_step(lambda x: net(ctx.student_preprocessing(x)), idx, optimizer, schedule)
-            with autocast(device, ctx.precision):
-                x = consistent_views(images.images[idx], generator, augment).to(device)
-                targets, _ = teacher_views(x, 0)
-                per_task = task_losses(net(ctx.student_preprocessing(x)), targets, selection.tasks)
-            loss = per_task.sum() / n_tasks
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            return loss_dict(loss, per_task, selection)
-
-        for epoch in range(1, p["finetune_epochs"] + 1):
-            loop.run_epoch(images.batches(batch, generator), finetune_step, "finetune", None, epoch)
-        ctx.checkpoint.save({**(ctx.checkpoint.load() or {}), "finetuned": True, "step": loop.state.step,
-                             "targetnet": net.state_dict()})
-    net.eval()
-    return MethodResult(net, granularity, report)
-
-
-def branch_sizes(student_net: BlockNet, teacher_nets: list[BlockNet], filters: dict, n_blocks: int) -> BranchSizes:
-    """The parameter counts :meth:`BranchSizes.size` adds up for a plan (Eq. 10's parts)."""
-    tails = []
-    for net in teacher_nets:
-        per_block = [count_parameters(b) for b in net.blocks]
-        head = count_parameters(net.head)
-        tails.append([sum(per_block[k:]) + head for k in range(1, n_blocks + 1)])
-    return BranchSizes([count_parameters(b) for b in student_net.blocks], tails,
-                       {key: count_parameters(f) for key, f in filters.items()})
+        save_block(ctx, loop, k, converged, filters, skipped_steps=skipped, specs=ka.paired.specs, diagnosis=diagnosis)
+    plan, report = ka.branch_plan(converged, filters, diagnosis)
+    net = regroup(ctx, loop, ka.paired, filters, plan, report, phase=ka.n_blocks + 1, steps_per_epoch=ka.spe,
+                  batches=ka.batches, loss=ka.finetune_loss)
+    return MethodResult(net, ctx.params["granularity"], report)
 
 
 def knowledge_warnings(diagnosis: dict, plan: dict[str, int], selection, names: list[str], threshold: float
@@ -489,6 +381,8 @@ def knowledge_warnings(diagnosis: dict, plan: dict[str, int], selection, names: 
     return out
 
 
+BLOCK_LR_HELP = "base learning rate of the block-wise training (paper: 0.01, poly policy)"
+
 METHOD = MethodInfo(
     id="filtered-ka",
     mode="data",
@@ -510,12 +404,10 @@ METHOD = MethodInfo(
               "teachers' knowledge (mean 1 - knowledge share over the tasks) or when a round lowered the block's "
               "converged loss by less than this fraction", minimum=0.0),
         Param("finetune_epochs", 6, "epochs fine-tuning the branched TargetNet (0: none)", minimum=0),
-        Param("batch_size", 16, "images per step (paper: 16)", minimum=2),
-        Param("lr", 0.01, "base learning rate of the block-wise training (paper: 0.01, poly policy)", minimum=0.0),
+        *sgd_params(batch_size=16, weight_decay=5e-3, batch_help="images per step (paper: 16)", lr_help=BLOCK_LR_HELP,
+                    weight_decay_help="weight decay (paper: 5e-3)",
+                    poly_help="power of the poly learning-rate policy (paper: 0.9)"),
         Param("finetune_lr", 0.01, "base learning rate of the fine-tuning (paper: the same base rate)", minimum=0.0),
-        Param("momentum", 0.9, "SGD momentum", minimum=0.0),
-        Param("weight_decay", 5e-3, "weight decay (paper: 5e-3)", minimum=0.0),
-        Param("poly_power", 0.9, "power of the poly learning-rate policy (paper: 0.9)", minimum=0.0),
         Param("filter", "auto", "teacher-level filter f_k^n: 'se' (the paper's channel gate, Eq. 4; an adapter only "
               "where the shapes differ), 'adapter' (a 1x1 convolution, which can re-map channels), 'auto' (per teacher "
               "and block: the SE gate where the student's channels stand for the teacher's, channel alignment ≥ "
