@@ -8,11 +8,11 @@ training throughput (165 vs 430 img/s) and stalled the event loop for 150-260 ms
 (``multiprocessing``'s *spawn* start method, the same on Linux, macOS and Windows) and relays:
 
 * the child's engine events, which arrive through a one-way :func:`multiprocessing.Pipe` and are
-  handed to the page's :class:`~kamal_app.monitor.EventQueue` (the page wakes up at most every 50 ms);
+  handed to the page's :class:`~kamal_app.monitor.EventQueue` (the page drains it 20 times a second);
 * cancel: the worker's abort flag becomes a message on a second pipe, which the child turns into
   its :class:`~kamal_engine.events.CancelToken`; the run stops after the current step and keeps
   its finished blocks, exactly as in ``kamal run``;
-* the outcome: a :class:`RunOutcome` (the run's folder and report; the student is read back from
+* the outcome: a :class:`~kamal_engine.runner.RunResult` (the run's folder and report travel; the student is read back from
   its bundle) or the exception the run raised, re-raised in the worker thread, so the worker's
   ``errored`` → ``finished`` contract is unchanged.
 
@@ -28,10 +28,12 @@ import multiprocessing
 import os
 import sys
 import threading
-from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # the runner imports torch: the app's process loads it only when a run ends
+    from kamal_engine.runner import RunResult
 
 POLL_SECONDS = 0.2  # how often the supervisor looks at the abort flag while no event arrives
 CHILD_NICENESS = 10  # the training process's scheduling priority, below the window's (POSIX nice)
@@ -39,15 +41,6 @@ CHILD_NICENESS = 10  # the training process's scheduling priority, below the win
 
 class EngineProcessDied(RuntimeError):
     """The training process ended without reporting how (killed, crashed, out of memory)."""
-
-
-@dataclass
-class RunOutcome:
-    """What a finished run hands back to the window (``RunResult`` without the in-memory student)."""
-
-    output_dir: Path
-    report: dict[str, Any]
-    student: Any  # kamal_engine.targetnet.Student, loaded from output_dir / "student.kamal.pt"
 
 
 def _child_main(recipe, resume: bool, replace: bool, out, cancel_in) -> None:
@@ -111,7 +104,7 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 def run_in_child_process(recipe, resume: bool, emit: Callable[[Any], None], abort: threading.Event,
-                         poll_seconds: float = POLL_SECONDS, replace: bool = False) -> RunOutcome:
+                         poll_seconds: float = POLL_SECONDS, replace: bool = False) -> RunResult:
     """Run ``recipe`` in a child process; call ``emit`` for each of its events (in this thread).
 
     ``replace``: the user agreed to move an earlier run in the output folder aside
@@ -163,10 +156,11 @@ def run_in_child_process(recipe, resume: bool, emit: Callable[[Any], None], abor
     if kind == "errored":
         raise payload
     output_dir, report = payload
+    from kamal_engine.runner import RunResult
     from kamal_engine.targetnet import load_student
 
     output_dir = Path(output_dir)
-    return RunOutcome(output_dir=output_dir, report=report, student=load_student(output_dir / "student.kamal.pt"))
+    return RunResult(output_dir=output_dir, report=report, student=load_student(output_dir / "student.kamal.pt"))
 
 
 def _last_words(reader, emit, child) -> tuple[str, Any]:

@@ -206,7 +206,7 @@ class MainWindow(QMainWindow):
             text = "Start needs: " + "; ".join(reasons) + "."
         else:
             text = (f"Ready: {plural(self.session.distinct_count(), 'label')} from "
-                    f"{plural(self.session.teachers_used(), 'teacher')}, method {self.session.method}.")
+                    f"{plural(self.session.teachers_used(), 'teacher')}, method {self.session.recipe.method}.")
         if text != self.start_reason.text():  # a new text re-lays out the window: only when it changed
             self.start_reason.setText(text)
 
@@ -214,9 +214,9 @@ class MainWindow(QMainWindow):
         from kamal_engine.devices import available_devices, resolve_device
 
         try:
-            device = resolve_device(self.session.device)
+            device = resolve_device(self.session.recipe.device)
         except KamalError:
-            self.device_label.setText(f"Device: {self.session.device} is not available here")
+            self.device_label.setText(f"Device: {self.session.recipe.device} is not available here")
             return
         key = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
         name = dict(available_devices()).get(key, key)
@@ -358,7 +358,7 @@ class MainWindow(QMainWindow):
         return self.write_recipe(self.session.recipe_path)
 
     def save_recipe_as(self) -> bool:
-        start = start_path(self.session.recipe_path or start_folder() / f"{self.session.name}.toml")
+        start = start_path(self.session.recipe_path or start_folder() / f"{self.session.recipe.name}.toml")
         path, _ = QFileDialog.getSaveFileName(self, "Save recipe", start, "Recipes (*.toml)")
         remember_folder(path)
         if not path:
@@ -535,7 +535,7 @@ class MainWindow(QMainWindow):
 
     def choose_output_folder(self) -> bool:
         """Ask for the run's output folder (the Data & method page shows it)."""
-        current = self.session.output_dir
+        current = self.session.recipe.output_dir
         start = start_folder(current.parent if current is not None else None)
         folder = QFileDialog.getExistingDirectory(self, "Output folder of the run", str(start))
         remember_folder(folder)
@@ -554,7 +554,7 @@ class MainWindow(QMainWindow):
 
     def open_run_dialog(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Open a run's output folder",
-                                                  str(start_folder(self.session.output_dir)))
+                                                  str(start_folder(self.session.recipe.output_dir)))
         remember_folder(folder)
         if folder:
             self.open_run(Path(folder))
@@ -591,7 +591,7 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(f"Could not keep the unsaved session in {path}: {exc}", 10000)
             return False
         self.settings.setValue("session/autosave_of", str(self.session.recipe_path or ""))
-        self.settings.setValue("session/output_unset", self.session.output_dir is None)
+        self.settings.setValue("session/output_unset", self.session.recipe.output_dir is None)
         return True
 
     def _forget_autosave(self) -> None:
@@ -615,7 +615,7 @@ class MainWindow(QMainWindow):
             if self.open_recipe(path, remember=False):
                 self.session.recipe_path = Path(original) if original else None
                 if output_unset:
-                    self.session.output_dir = None
+                    self.session.edit(output_dir=None)
                 self.session.notify()  # modified: the edits are still unsaved
                 self.statusBar().showMessage("Restored the unsaved session of the last time the app ran", 10000)
                 return True
@@ -627,7 +627,7 @@ class MainWindow(QMainWindow):
     def ask_save_changes(self) -> str:
         """"save", "discard" or "cancel": what to do with unsaved changes before quitting."""
         box = QMessageBox(QMessageBox.Icon.Question, "Save changes?",
-                          f"The recipe '{self.session.name}' has unsaved changes. Save them before quitting?",
+                          f"The recipe '{self.session.recipe.name}' has unsaved changes. Save them before quitting?",
                           QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard
                           | QMessageBox.StandardButton.Cancel, self)
         box.setDefaultButton(QMessageBox.StandardButton.Save)

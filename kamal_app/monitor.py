@@ -94,6 +94,9 @@ class RunMonitor:
             self.dirty.add("losses")
 
     def feed(self, event: Any) -> None:
+        line = ev.describe(event)
+        if line is not None:
+            self.new_log.append(line)
         if isinstance(event, ev.StepLosses):
             self._step(event)
         elif isinstance(event, ev.LossHistory):  # a resumed run: the finished part, before the live steps
@@ -104,49 +107,31 @@ class RunMonitor:
         elif isinstance(event, ev.Progress):
             self.stage_text = f"{ev.STAGE_TITLES.get(event.stage, event.stage)} {event.done}/{event.total}"
             self.dirty.add("progress")
-        elif isinstance(event, ev.RunStarted):
-            self.new_log.append(ev.describe_started(event))
         elif isinstance(event, ev.StageStarted):
             if event.block and event.block_name:
                 self.learn_block_name(event.block, event.block_name)
-            self.stage_text = ev.describe_stage(event)
-            self.new_log.append(self.stage_text)
+            self.stage_text = line
             self.dirty.add("progress")
         elif isinstance(event, ev.BlockConverged):
             self.learn_block_name(event.block, event.block_name)
             for task, value in event.losses.items():
                 self.converged.setdefault(task, {})[event.block_name] = value
-            self.new_log.append(f"  converged loss at {event.block_name}: "
-                                + ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items()))
             self.dirty.add("converged")
         elif isinstance(event, ev.BlockDiagnosed):
             self.knowledge[event.block_name] = dict(event.teachers)
-            self.new_log.append(f"  knowledge reproduced at {event.block_name}: " + ", ".join(
-                f"{t} {d['share']:.0%} ({d['filter']})" for t, d in event.teachers.items()))
             self.dirty.add("knowledge")
         elif isinstance(event, ev.RunWarning):
             self.warnings.append(event.message)
-            self.new_log.append(f"Warning: {event.message}")
             self.dirty.add("knowledge")
         elif isinstance(event, ev.BranchPlanChosen):
             self.plan = dict(event.plan)
-            self.new_log.append("Branch points: " + ", ".join(f"{k} → {v}" for k, v in event.plan.items()))
             self.dirty.add("converged")
         elif isinstance(event, ev.SamplesGenerated):
             self.samples, self.samples_step = event.images, event.step
             self.dirty.add("samples")
-        elif isinstance(event, ev.Evaluated):
-            score = (f"mAP {event.mean_ap:.4f}" if event.mean_ap is not None
-                     else f"accuracy {event.accuracy:.4f}" if event.accuracy is not None else "")
-            self.new_log.append(f"  {event.model}: {score}")
         elif isinstance(event, ev.Finished):
             self.fraction, self.eta_seconds = 1.0, 0.0
-            self.new_log.append(f"Finished: {event.summary.get('student')}")
-            if event.summary.get("onnx_error"):
-                self.new_log.append(f"ONNX export failed (the student is saved): {event.summary['onnx_error']}")
             self.dirty.add("progress")
-        elif isinstance(event, ev.Cancelled):
-            self.new_log.append("Cancelled: the finished blocks are kept; Start → Resume continues them.")
 
     def _step(self, event: ev.StepLosses) -> None:
         self.fraction = event.step / max(1, event.total_steps)

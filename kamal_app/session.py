@@ -8,7 +8,7 @@ holds and what ``kamal run`` runs. Plain Python plus one Qt signal (``changed``)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,30 +46,22 @@ class StudioSession(QObject):
     def reset(self) -> None:
         self.recipe_path: Path | None = None
         self.teachers: list[LoadedTeacher] = []
-        self.name = "my-student"
-        self.output_dir: Path | None = None
-        self.device = "auto"
-        self.seed = 0
-        self.precision = "auto"
-        self.student_arch: str | None = None
-        self.student_arch_kwargs: dict[str, Any] = {}
-        self.student_init = "teacher"
-        self.student_teacher = 1
-        self.student_checkpoint: Path | None = None  # the weights file of student_init == "checkpoint"
-        self.mode = "data"
-        self.unlabeled: Path | None = None
-        self.validation: Path | None = None
-        self.image_size: int | None = None
-        self.max_damaged = 0.01  # [data] max_damaged: not edited in the app, kept from the recipe
-        self.method = "filtered-ka"
-        self.params: dict[str, Any] = {}
+        # every run setting, as the recipe holds it; ``recipe.teachers`` stays empty (the loaded teachers and
+        # their ticked labels are ``teachers``) and ``output_dir`` is None until the user chooses a folder
+        self.recipe = Recipe(None, name="my-student", output_dir=None)
         # what the user typed for the methods (and chose per mode) they switched away from: kept for
         # when they switch back
         self.params_by_method: dict[str, dict[str, Any]] = {}
         self.method_by_mode: dict[str, str] = {}
-        self.onnx: Path | None = None
-        self.opset = 18
-        self.fp16 = False
+
+    def edit(self, **changes: Any) -> None:
+        """Change run settings by the :class:`~kamal_engine.recipe.Recipe` field names (``dataclasses.replace``,
+        so a misspelt name is an error). Does not emit ``changed``: the caller does, once per user edit."""
+        self.recipe = replace(self.recipe, **changes)
+
+    def set_param(self, name: str, value: Any) -> None:
+        """Set one hyper-parameter of the chosen method."""
+        self.edit(params={**self.recipe.params, name: value})
 
     def notify(self) -> None:
         self.changed.emit()
@@ -83,8 +75,8 @@ class StudioSession(QObject):
 
     def remove_teacher(self, index: int) -> None:
         del self.teachers[index]
-        if self.student_teacher > max(1, len(self.teachers)):
-            self.student_teacher = 1
+        if self.recipe.student_teacher > max(1, len(self.teachers)):
+            self.edit(student_teacher=1)
         self.notify()
 
     def set_selected(self, index: int, labels: list[str]) -> None:
@@ -120,30 +112,30 @@ class StudioSession(QObject):
             if clash and not self.shares_labels():
                 reasons.append(f"label {clash[0]!r} is ticked in more than one teacher: tick it in one only, or "
                                "choose adaptive-ka, which learns a label from every teacher that has it")
-        if self.mode == "data" and self.unlabeled is None:
+        r = self.recipe
+        if r.mode == "data" and r.unlabeled is None:
             reasons.append("choose a folder of unlabeled images, or switch to data-free (Data & method page)")
-        if self.method not in method_ids(self.mode):
-            reasons.append(f"choose a {self.mode} method (Data & method page)")
-        if self.output_dir is None:
+        if r.method not in method_ids(r.mode):
+            reasons.append(f"choose a {r.mode} method (Data & method page)")
+        if r.output_dir is None:
             reasons.append("choose an output folder (Data & method page)")
         return reasons
 
     def set_method(self, method_id: str) -> None:
         """Switch method; the hyper-parameters set for the one left are kept for when it comes back."""
-        if method_id == self.method:
+        if method_id == self.recipe.method:
             return
-        self.params_by_method[self.method] = dict(self.params)
-        self.method = method_id
-        self.params = dict(self.params_by_method.get(method_id, {}))
+        self.params_by_method[self.recipe.method] = dict(self.recipe.params)
+        self.edit(method=method_id, params=dict(self.params_by_method.get(method_id, {})))
 
     def set_mode(self, mode: str) -> None:
         """Switch mode ("data" or "data-free"); the method last chosen in that mode comes back (else its first)."""
-        if mode == self.mode:
+        if mode == self.recipe.mode:
             return
-        self.method_by_mode[self.mode] = self.method
-        self.mode = mode
+        self.method_by_mode[self.recipe.mode] = self.recipe.method
+        self.edit(mode=mode)
         ids = method_ids(mode)
-        if self.method not in ids and ids:
+        if self.recipe.method not in ids and ids:
             self.set_method(self.method_by_mode.get(mode) if self.method_by_mode.get(mode) in ids else ids[0])
 
     def teachers_used(self) -> int:
@@ -153,12 +145,11 @@ class StudioSession(QObject):
     def set_output_dir(self, folder: Path | None) -> None:
         """Choose the run's output folder; the ONNX export path follows it when it was inside the previous
         one (:func:`~kamal_engine.recipe.follow_output_dir`)."""
-        self.onnx = follow_output_dir(self.onnx, self.output_dir, folder)
-        self.output_dir = folder
+        self.edit(onnx=follow_output_dir(self.recipe.onnx, self.recipe.output_dir, folder), output_dir=folder)
 
     def shares_labels(self) -> bool:
         """Whether the chosen method learns a label ticked in several teachers from all of them."""
-        return self.method in MODULES and get_method(self.method).shared_labels
+        return self.recipe.method in MODULES and get_method(self.recipe.method).shared_labels
 
     def _selected_owners(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -170,22 +161,15 @@ class StudioSession(QObject):
     # --- recipe conversion -----------------------------------------------------------------------
     def to_recipe(self, path: Path | None = None) -> Recipe:
         """The recipe this session describes (absolute paths; :func:`recipe_text` makes them relative)."""
+        r = self.recipe
         path = path or self.recipe_path
-        teachers = []
-        for t in self.teachers:
-            e = t.entry
-            teachers.append(TeacherEntry(e.checkpoint, list(t.selected), e.name, e.arch, dict(e.arch_kwargs),
-                                         e.labels_file, e.labels, e.task, e.input_size, e.mean, e.std, e.trust))
-        out = self.output_dir or ((path.parent if path else Path.cwd()) / "runs" / self.name)
-        return Recipe(path, name=self.name, output_dir=out, device=self.device, seed=self.seed,
-                      precision=self.precision, teachers=teachers, student_arch=self.student_arch,
-                      student_arch_kwargs=dict(self.student_arch_kwargs), student_init=self.student_init,
-                      student_teacher=self.student_teacher,
-                      student_checkpoint=self.student_checkpoint if self.student_init == "checkpoint" else None,
-                      mode=self.mode,
-                      unlabeled=self.unlabeled if self.mode == "data" else None, validation=self.validation,
-                      image_size=self.image_size, max_damaged=self.max_damaged, method=self.method, params=dict(self.params), onnx=self.onnx,
-                      opset=self.opset, fp16=self.fp16)
+        teachers = [replace(t.entry, select=list(t.selected), arch_kwargs=dict(t.entry.arch_kwargs))
+                    for t in self.teachers]
+        out = r.output_dir or ((path.parent if path else Path.cwd()) / "runs" / r.name)
+        return replace(r, path=path, output_dir=out, teachers=teachers, text="",
+                       student_arch_kwargs=dict(r.student_arch_kwargs), params=dict(r.params),
+                       student_checkpoint=r.student_checkpoint if r.student_init == "checkpoint" else None,
+                       unlabeled=r.unlabeled if r.mode == "data" else None)
 
     def load_recipe(self, recipe: Recipe, teachers: list[Teacher]) -> None:
         """Replace the state with ``recipe`` whose teachers are already loaded (``teachers``)."""
@@ -194,28 +178,18 @@ class StudioSession(QObject):
         for entry, teacher in zip(recipe.teachers, teachers):
             self.teachers.append(LoadedTeacher(entry, teacher, list(teacher.labels) if entry.select is None
                                                else [label for label in entry.select]))
-        self.name, self.output_dir, self.device, self.seed = recipe.name, recipe.output_dir, recipe.device, recipe.seed
-        self.precision = recipe.precision
-        self.student_arch, self.student_arch_kwargs = recipe.student_arch, dict(recipe.student_arch_kwargs)
-        self.student_init, self.student_teacher = recipe.student_init, recipe.student_teacher
-        self.student_checkpoint = recipe.student_checkpoint
-        self.mode, self.unlabeled, self.validation = recipe.mode, recipe.unlabeled, recipe.validation
-        self.image_size, self.method, self.params = recipe.image_size, recipe.method, dict(recipe.params)
-        self.max_damaged = recipe.max_damaged
-        self.onnx, self.opset, self.fp16 = recipe.onnx, recipe.opset, recipe.fp16
+        self.recipe = replace(recipe, teachers=[], text="", params=dict(recipe.params),
+                              student_arch_kwargs=dict(recipe.student_arch_kwargs))
         self.notify()
 
     def state(self) -> dict[str, Any]:
         """A comparable snapshot (tests: save, open again → identical)."""
+        settings = {f.name: getattr(self.recipe, f.name) for f in fields(Recipe)
+                    if f.name not in ("path", "text", "teachers")}
         return {
             "teachers": [(str(t.entry.checkpoint), t.name, t.teacher.arch, t.teacher.task, list(t.teacher.labels),
                           list(t.selected)) for t in self.teachers],
-            "run": (self.name, str(self.output_dir), self.device, self.seed, self.precision),
-            "student": (self.student_arch, self.student_arch_kwargs, self.student_init, self.student_teacher,
-                        str(self.student_checkpoint)),
-            "data": (self.mode, str(self.unlabeled), str(self.validation), self.image_size, self.max_damaged),
-            "method": (self.method, dict(self.params)),
-            "export": (str(self.onnx), self.opset, self.fp16),
+            **settings,
         }
 
 
@@ -234,14 +208,11 @@ def recipe_text(recipe: Recipe, path: Path) -> str:
         except ValueError:  # another drive on Windows
             return Path(p)
 
-    copy = Recipe(path, **{k: getattr(recipe, k) for k in (
-        "name", "device", "seed", "precision", "student_arch", "student_arch_kwargs", "student_init",
-        "student_teacher", "mode", "image_size", "max_damaged", "method", "params", "opset", "fp16")})
-    copy.output_dir = rel(recipe.output_dir)
-    copy.unlabeled, copy.validation, copy.onnx = rel(recipe.unlabeled), rel(recipe.validation), rel(recipe.onnx)
-    copy.student_checkpoint = rel(recipe.student_checkpoint)
-    copy.teachers = [TeacherEntry(rel(t.checkpoint), t.select, t.name, t.arch, t.arch_kwargs, rel(t.labels_file),
-                                  t.labels, t.task, t.input_size, t.mean, t.std, t.trust) for t in recipe.teachers]
+    copy = replace(recipe, path=path, output_dir=rel(recipe.output_dir), unlabeled=rel(recipe.unlabeled),
+                   validation=rel(recipe.validation), onnx=rel(recipe.onnx),
+                   student_checkpoint=rel(recipe.student_checkpoint),
+                   teachers=[replace(t, checkpoint=rel(t.checkpoint), labels_file=rel(t.labels_file))
+                             for t in recipe.teachers])
     header = (f"{RECIPE_HEADER} Paths are relative to this file.\n"
               f"# Run it with:  kamal run {path.name}\n")
     return header + copy.to_toml()

@@ -346,28 +346,10 @@ class ProgressPrinter:
                 self.bar_open = True
             else:
                 self.line(text)
-        elif isinstance(event, ev.RunStarted):
-            self.line(ev.describe_started(event))
-        elif isinstance(event, ev.StageStarted):
-            self.line(ev.describe_stage(event))
-        elif isinstance(event, ev.BlockConverged):
-            values = ", ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
-            self.line(f"  converged loss at {event.block_name}: {values}")
-        elif isinstance(event, ev.BlockDiagnosed):
-            values = ", ".join(f"{name} {d['share']:.0%} ({d['filter']}, CKA {d['related_before']:.2f})"
-                               for name, d in event.teachers.items())
-            self.line(f"  knowledge reproduced at {event.block_name}: {values}")
-        elif isinstance(event, ev.RunWarning):
-            self.line(f"Warning: {event.message}")
-        elif isinstance(event, ev.BranchPlanChosen):
-            self.line("Branch points: " + ", ".join(f"{k} → {v}" for k, v in event.plan.items()))
-        elif isinstance(event, ev.Evaluated):
-            score = f"mAP {_fmt(event.mean_ap)}" if event.mean_ap is not None else f"accuracy {_fmt(event.accuracy)}"
-            self.line(f"  {event.model}: {score}")
-        elif isinstance(event, ev.Finished):
-            self.line(f"Finished in {format_duration(event.summary['seconds'])}: {event.summary['student']}")
-        elif isinstance(event, ev.Cancelled):
-            self.line(f"Cancelled: {event.message}")
+        else:
+            text = ev.describe(event)
+            if text is not None:
+                self.line(text)
 
 
 def cmd_run(args) -> int:

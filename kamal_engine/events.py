@@ -191,3 +191,38 @@ class CancelToken:
     def check(self) -> None:
         if self._flag.is_set():
             raise RunCancelled("the run was cancelled")
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.4f}"
+
+
+def describe(event: Event) -> str | None:
+    """The log line(s) of an event, as ``kamal run`` prints them and the app's Train page logs them;
+    None for the events that only move a bar or a plot (steps, progress, samples, loss history)."""
+    if isinstance(event, RunStarted):
+        return describe_started(event)
+    if isinstance(event, StageStarted):
+        return describe_stage(event)
+    if isinstance(event, BlockConverged):
+        return f"  converged loss at {event.block_name}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in event.losses.items())
+    if isinstance(event, BlockDiagnosed):
+        return f"  knowledge reproduced at {event.block_name}: " + ", ".join(
+            f"{name} {d['share']:.0%} ({d['filter']}, CKA {d['related_before']:.2f})"
+            for name, d in event.teachers.items())
+    if isinstance(event, RunWarning):
+        return f"Warning: {event.message}"
+    if isinstance(event, BranchPlanChosen):
+        return "Branch points: " + ", ".join(f"{k} → {v}" for k, v in event.plan.items())
+    if isinstance(event, Evaluated):
+        score = f"mAP {_score(event.mean_ap)}" if event.mean_ap is not None else f"accuracy {_score(event.accuracy)}"
+        return f"  {event.model}: {score}"
+    if isinstance(event, Finished):
+        text = f"Finished in {format_duration(event.summary.get('seconds', 0))}: {event.summary.get('student')}"
+        if event.summary.get("onnx_error"):
+            text += f"\nONNX export failed (the student is saved): {event.summary['onnx_error']}"
+        return text
+    if isinstance(event, Cancelled):
+        return f"Cancelled: {event.message}"
+    return None  # Failed too: the CLI and the app each say what failed, with the fix, when the run raises

@@ -77,3 +77,35 @@ def test_stage_descriptions_say_1_epoch_and_3_epochs():
     assert describe_stage(StageStarted("amalgamate", 2, "b2", 4, 1, 10)) == "Block 2/4 (b2): 1 epoch"
     assert describe_stage(StageStarted("amalgamate", 2, "b2", 4, 3, 10)) == "Block 2/4 (b2): 3 epochs"
     assert describe_stage(StageStarted("component", 1, "zero", 10, 1, 10)).endswith(": 1 epoch")
+
+
+def test_the_cli_and_the_app_log_the_same_lines_for_a_run():
+    import io
+
+    from kamal_app.monitor import RunMonitor
+    from kamal_engine import events as ev
+    from kamal_engine.cli import ProgressPrinter
+
+    run = [ev.RunStarted("r", "filtered-ka", "cpu", "/tmp/out", 10),
+           ev.StageStarted("amalgamate", 1, "b1", 2, 1, 5),
+           ev.StepLosses(5, 10, "amalgamate", 1, 0, {"loss": 0.5, "teacher:t": 0.5}, 100.0, 1.0),
+           ev.BlockConverged(1, "b1", {"zero": 0.25}),
+           ev.BlockDiagnosed(1, "b1", {"t": {"filter": "conv", "related_before": 0.5, "share": 0.9}}),
+           ev.RunWarning("look"), ev.BranchPlanChosen({"zero": "b1"}),
+           ev.Evaluated("student", mean_ap=0.75), ev.Evaluated("t", accuracy=None),
+           ev.Finished("/tmp/out", {"seconds": 61, "student": "2 tasks", "onnx_error": "no room"}),
+           ev.Cancelled("the finished blocks are kept"), ev.Failed("told by the caller")]
+    monitor, stream = RunMonitor(), io.StringIO()
+    printer = ProgressPrinter(stream)
+    for event in run:
+        monitor.feed(event)
+        if not isinstance(event, ev.StepLosses):  # the CLI's progress bar line is its own
+            printer(event)
+    app_lines = "\n".join(monitor.take_log()).splitlines()
+    assert stream.getvalue().splitlines() == app_lines
+    assert app_lines[1:] == ["Block 1/2 (b1): 1 epoch", "  converged loss at b1: zero 0.2500",
+                             "  knowledge reproduced at b1: t 90% (conv, CKA 0.50)", "Warning: look",
+                             "Branch points: zero → b1", "  student: mAP 0.7500", "  t: accuracy n/a",
+                             "Finished in 1m01s: 2 tasks", "ONNX export failed (the student is saved): no room",
+                             "Cancelled: the finished blocks are kept"]
+    assert monitor.stage_text.startswith("Amalgamate · Block 1 · epoch 0")

@@ -193,49 +193,49 @@ class DataMethodPage(QWidget):
 
     # --- session → widgets ---
     def refresh(self) -> None:
-        s = self.session
+        s, r = self.session, self.session.recipe
         if self._pushing:  # an edit made here: the editors already show it
             self._loading = True
             try:
-                self.unlabeled.setEnabled(s.mode == "data")
-                self._update_thumbnails(s.unlabeled if s.mode == "data" else None)
+                self.unlabeled.setEnabled(r.mode == "data")
+                self._update_thumbnails(r.unlabeled if r.mode == "data" else None)
                 self._fill_methods(rebuild=False)
             finally:
                 self._loading = False
             return
         self._loading = True
         try:
-            (self.mode_data if s.mode == "data" else self.mode_free).setChecked(True)
-            self.unlabeled.set_path(s.unlabeled)
-            self.unlabeled.setEnabled(s.mode == "data")
-            self._update_thumbnails(s.unlabeled if s.mode == "data" else None)
-            self.validation.set_path(s.validation)
-            self.run_name.setText(s.name)
-            self.student_arch.setCurrentIndex(max(0, self.student_arch.findData(s.student_arch)))
+            (self.mode_data if r.mode == "data" else self.mode_free).setChecked(True)
+            self.unlabeled.set_path(r.unlabeled)
+            self.unlabeled.setEnabled(r.mode == "data")
+            self._update_thumbnails(r.unlabeled if r.mode == "data" else None)
+            self.validation.set_path(r.validation)
+            self.run_name.setText(r.name)
+            self.student_arch.setCurrentIndex(max(0, self.student_arch.findData(r.student_arch)))
             self.student_init.clear()  # item data are strings: QComboBox.findData compares tuples by identity
             for n, t in enumerate(s.teachers, 1):
                 self.student_init.addItem(f"teacher {n}: {t.name}'s weights", f"teacher:{n}")
             self.student_init.addItem("random initialisation", "random")
-            if s.student_checkpoint is not None:
-                self.student_init.addItem(f"weights file: {s.student_checkpoint.name}", "checkpoint")
-                self.student_init.setItemData(self.student_init.count() - 1, str(s.student_checkpoint),
+            if r.student_checkpoint is not None:
+                self.student_init.addItem(f"weights file: {r.student_checkpoint.name}", "checkpoint")
+                self.student_init.setItemData(self.student_init.count() - 1, str(r.student_checkpoint),
                                               Qt.ItemDataRole.ToolTipRole)
             self.student_init.addItem("weights from a file…", "browse")
-            wanted = f"teacher:{s.student_teacher}" if s.student_init == "teacher" else s.student_init
+            wanted = f"teacher:{r.student_teacher}" if r.student_init == "teacher" else r.student_init
             self.student_init.setCurrentIndex(max(0, self.student_init.findData(wanted)))
-            index = self.device.findData(s.device)
+            index = self.device.findData(r.device)
             if index < 0:  # e.g. a recipe for cuda:1 opened on a machine without it: show it anyway
-                self.device.addItem(f"{s.device} (not available here)", s.device)
+                self.device.addItem(f"{r.device} (not available here)", r.device)
                 index = self.device.count() - 1
             self.device.setCurrentIndex(index)
-            self.seed.setValue(s.seed)
-            self.output.set_path(s.output_dir)
+            self.seed.setValue(r.seed)
+            self.output.set_path(r.output_dir)
             self._fill_methods()
         finally:
             self._loading = False
 
     def _fill_methods(self, rebuild: bool = True) -> None:
-        ids = method_ids(self.session.mode)
+        ids = method_ids(self.session.recipe.mode)
         current = [self.methods.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.methods.count())]
         if current != ids:
             self.methods.clear()
@@ -246,17 +246,17 @@ class DataMethodPage(QWidget):
                 item.setToolTip(f"{m.summary}\n\n{m.paper}")
                 self.methods.addItem(item)
         if not ids:
-            self.method_info.setText(f"No {self.session.mode} method is available in this version.")
+            self.method_info.setText(f"No {self.session.recipe.mode} method is available in this version.")
             self._built_method = None
             self._build_params(None)
             return
         for i in range(self.methods.count()):
-            if self.methods.item(i).data(Qt.ItemDataRole.UserRole) == self.session.method:
+            if self.methods.item(i).data(Qt.ItemDataRole.UserRole) == self.session.recipe.method:
                 self.methods.setCurrentRow(i)
                 break
         else:
             self.methods.setCurrentRow(-1)
-        chosen = self.session.method if self.session.method in ids else None
+        chosen = self.session.recipe.method if self.session.recipe.method in ids else None
         if rebuild or chosen != self._built_method:
             self._show_method(chosen)
 
@@ -277,7 +277,7 @@ class DataMethodPage(QWidget):
         if method is None:
             return
         for param in method.params:
-            widget = param_widget(param, self.session.params.get(param.name, param.default))
+            widget = param_widget(param, self.session.recipe.params.get(param.name, param.default))
             label = QLabel(param.name.replace("_", " "))
             label.setToolTip(param.help)
             self.params_form.addRow(label, widget)
@@ -292,7 +292,7 @@ class DataMethodPage(QWidget):
         self._thumb_folder = folder
         self.thumbnails.clear()
         if folder is None:
-            self.image_count.setText("" if self.session.mode == "data" else "Not needed in data-free mode.")
+            self.image_count.setText("" if self.session.recipe.mode == "data" else "Not needed in data-free mode.")
             return
         try:
             images = list_images(folder)
@@ -323,19 +323,19 @@ class DataMethodPage(QWidget):
 
     def _unlabeled_changed(self, path) -> None:
         if not self._loading:
-            self.session.unlabeled = path.resolve() if path else None
+            self.session.edit(unlabeled=path.resolve() if path else None)
             self._push()
 
     def _validation_changed(self, path) -> None:
         if not self._loading:
-            self.session.validation = path.resolve() if path else None
+            self.session.edit(validation=path.resolve() if path else None)
             self._push()
 
     def _method_changed(self, item, previous=None) -> None:
         if self._loading or item is None:
             return
         method_id = item.data(Qt.ItemDataRole.UserRole)
-        if method_id != self.session.method:
+        if method_id != self.session.recipe.method:
             self.session.set_method(method_id)
             self._push()
 
@@ -343,32 +343,30 @@ class DataMethodPage(QWidget):
         if self._loading:
             return
         param, widget = self._param_widgets[name]
-        self.session.params[name] = param_value(param, widget)
+        self.session.set_param(name, param_value(param, widget))
         self._push()
 
     def _run_changed(self, *args) -> None:
         if self._loading:
             return
-        s = self.session
-        s.name = self.run_name.text().strip() or s.name
-        s.student_arch = self.student_arch.currentData()
+        s, r = self.session, self.session.recipe
         init, _, teacher = (self.student_init.currentData() or "teacher:1").partition(":")
-        teacher = int(teacher) if teacher else s.student_teacher
-        if init == "browse":  # ask for the file; cancelling keeps what was chosen before
-            start = str(start_folder(s.student_checkpoint))
+        teacher = int(teacher) if teacher else r.student_teacher
+        checkpoint, browsed = r.student_checkpoint, init == "browse"
+        if browsed:  # ask for the file; cancelling keeps what was chosen before
             chosen, _ = QFileDialog.getOpenFileName(
-                self, "Weights to start the student from", start,
+                self, "Weights to start the student from", str(start_folder(checkpoint)),
                 "Checkpoints (*.pt *.pth *.safetensors *.bin *.ckpt);;All files (*)")
             remember_folder(chosen)
-            if chosen:
-                s.student_init, s.student_checkpoint = "checkpoint", Path(chosen).resolve()
-            self.refresh()  # the combo shows the file (or the previous choice again)
             if not chosen:
+                self.refresh()  # the combo shows the previous choice again
                 return
-            init, teacher = "checkpoint", s.student_teacher
-        s.student_init, s.student_teacher = init, teacher
-        s.device = self.device.currentData()
-        s.seed = self.seed.value()
+            init, teacher, checkpoint = "checkpoint", r.student_teacher, Path(chosen).resolve()
+        s.edit(name=self.run_name.text().strip() or r.name, student_arch=self.student_arch.currentData(),
+               student_init=init, student_teacher=teacher, student_checkpoint=checkpoint,
+               device=self.device.currentData(), seed=self.seed.value())
         out = self.output.path()
         s.set_output_dir(out.resolve() if out else None)
+        if browsed:
+            self.refresh()  # the combo shows the file
         self._push()

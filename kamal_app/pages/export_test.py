@@ -28,7 +28,6 @@ THUMB = 48
 
 class ExportTestPage(QWidget):
     exported = Signal(object)  # ExportResult
-    tested = Signal()
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -232,7 +231,6 @@ class ExportTestPage(QWidget):
             "  (export first to test the ONNX file)" if runtime != self.runtime.currentData() else ""))
         self.labels = list(model.labels)
         self._fill_table()
-        self.tested.emit()
 
     def _fill_table(self) -> None:
         rows = self.probabilities.get(self.current_runtime()) or []

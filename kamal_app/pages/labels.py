@@ -148,6 +148,3 @@ class LabelsPage(QWidget):
                    if not top.child(j).isHidden()}
         wanted = (set(loaded.selected) | visible) if checked else (set(loaded.selected) - visible)
         self.session.set_selected(index, sorted(wanted))
-
-    def set_current_teacher(self, index: int) -> None:
-        self.tree.setCurrentItem(self.tree.topLevelItem(index))

@@ -1,10 +1,9 @@
 """Train page: runs the current recipe from a worker thread, with live plots.
 
 The worker thread starts the run in a child process (:mod:`kamal_app.engine_process`), puts every
-engine event it relays into an :class:`~kamal_app.monitor.EventQueue` and wakes the GUI thread
-with a throttled signal (at most every 50 ms); a 20 Hz timer in the GUI thread drains the queue
-into a :class:`~kamal_app.monitor.RunMonitor` and redraws only what changed, so the GUI thread
-never handles one signal per training step. Cancel sets the engine's cancel flag in the child: the
+engine event it relays into an :class:`~kamal_app.monitor.EventQueue`; a 20 Hz timer in the GUI
+thread, running while the run does, drains the queue into a :class:`~kamal_app.monitor.RunMonitor`
+and redraws only what changed, so the GUI thread never handles a signal per training step. Cancel sets the engine's cancel flag in the child: the
 run stops after the current step and keeps its finished blocks (Start → Resume continues them).
 
 Shows: overall progress with ETA, the stage text, per-block losses (a curve per block and teacher,
@@ -20,7 +19,6 @@ import gc
 import html
 import math
 import threading
-import time
 
 import numpy as np
 import pyqtgraph as pg
@@ -38,28 +36,18 @@ from ..monitor import EventQueue, RunMonitor
 from ..widgets import StatusLine, page_header
 from ..workers import WorkerHandle
 
-WAKE_INTERVAL = 0.05  # seconds between the worker's wake-up signals
 REDRAW_HZ = 20
 NEW_LINES_PER_TICK = 2  # converged-loss lines created per redraw tick (on top of the loss curves)
 PROGRESS_STEPS = 200  # the bar repaints only when it moves a visible amount (0.5 %), not every step
 
 
 def run_in_worker(recipe, resume: bool, events: EventQueue, replace: bool = False):
-    """The worker function: the run in a child process, its events queued, wake-ups throttled.
+    """The worker function: the run in a child process, its events queued for the redraw timer.
 
     See :mod:`kamal_app.engine_process` for why the engine does not train in this process.
     """
-    def work(wake, abort: threading.Event):
-        last = [0.0]
-
-        def emit(event):
-            events.put(event)
-            now = time.monotonic()
-            if now - last[0] >= WAKE_INTERVAL:
-                last[0] = now
-                wake(True)  # never None: PySide6 miscounts None's references across threads
-
-        return run_in_child_process(recipe, resume, emit, abort, replace=replace)
+    def work(_yield, abort: threading.Event):
+        return run_in_child_process(recipe, resume, events.put, abort, replace=replace)
 
     return work
 
@@ -315,7 +303,6 @@ class TrainPage(QWidget):
         # scans, which otherwise walk every object (torch's included) several times a second of plotting
         gc.freeze()
         self.handle = WorkerHandle(run_in_worker(recipe, resume, self.events, replace), self)
-        self.handle.worker.yielded.connect(self._wake)
         self.handle.worker.returned.connect(self.on_returned)
         self.handle.worker.errored.connect(self.on_errored)
         self.handle.done.connect(self.on_done)
@@ -340,10 +327,6 @@ class TrainPage(QWidget):
         self.log.appendPlainText(text)
 
     # --- events → widgets ---
-    def _wake(self, _=True) -> None:
-        if not self.redraw_timer.isActive():
-            self.redraw_timer.start()
-
     def redraw(self) -> None:
         """Drain the queued events and redraw what changed (called by the 20 Hz timer)."""
         for event in self.events.drain():
