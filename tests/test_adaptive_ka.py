@@ -202,24 +202,20 @@ def hetero_workspace(quick_demo, tmp_path_factory):
     return copy
 
 
-def _recipe(root, name, extra="", export=False):
-    text = (root / "recipes" / "adaptive-ka.toml").read_text()
-    text = text.replace('id = "adaptive-ka"', f'id = "adaptive-ka"\ncomponent_epochs = 1\ntarget_epochs = 1\n{extra}')
-    text = text.replace("../runs/adaptive-ka", f"../runs/{name}")
-    text = text.replace('[student]\narch = "smallnet"\ninit = "teacher"', '[student]\narch = "smallnet"\ninit = "teacher"\n'
-                        'arch_kwargs = { width = 8, depth = [1, 1, 1, 1] }')
-    path = root / "recipes" / f"{name}.toml"
-    path.write_text(text)
-    recipe = load_recipe(path)
+def _recipe(recipe_factory, root, extra=None, export=False):
+    """The workspace's adaptive-ka recipe, tiny, with a narrow student; its run goes into a fresh folder."""
+    recipe = load_recipe(recipe_factory(root / "recipes" / "adaptive-ka.toml",
+                                        method={"component_epochs": 1, "target_epochs": 1, **(extra or {})},
+                                        student={"arch_kwargs": {"width": 8, "depth": [1, 1, 1, 1]}}))
     if not export:  # the ONNX export is checked once, in the two-stage run
         recipe.onnx = None
     return recipe
 
 
 @pytest.fixture(scope="module")
-def two_stage_run(hetero_workspace):
+def two_stage_run(hetero_workspace, session_recipe_factory):
     events = []
-    result = run_recipe(_recipe(hetero_workspace, "two-stage", export=True), emit=events.append)
+    result = run_recipe(_recipe(session_recipe_factory, hetero_workspace, export=True), emit=events.append)
     return result, events
 
 
@@ -245,13 +241,13 @@ def test_two_stage_run_learns_each_label_from_every_teacher_that_has_it(two_stag
     assert max(report["onnx"]["max_abs_diff"].values()) < 1e-3
 
 
-def test_component_nets_are_teachers_a_later_run_can_use(two_stage_run, hetero_workspace):
+def test_component_nets_are_teachers_a_later_run_can_use(two_stage_run, hetero_workspace, recipe_factory):
     result, _ = two_stage_run
     files = {name: entry["file"] for name, entry in result.report["components"].items()}
     component = load_teacher(files["three"])
     assert component.labels == ["three"] and component.task == "multilabel"
     # a one-shot run over two component nets: each label now has a single teacher
-    recipe = _recipe(hetero_workspace, "from-components", 'variant = "one-shot"')
+    recipe = _recipe(recipe_factory, hetero_workspace, {"variant": "one-shot"})
     from kamal_engine.recipe import TeacherEntry
 
     recipe.teachers = [TeacherEntry(__import__("pathlib").Path(files[n]), [n]) for n in ("zero", "five")]
@@ -261,10 +257,10 @@ def test_component_nets_are_teachers_a_later_run_can_use(two_stage_run, hetero_w
     assert set(out.report["validation"]["teachers"]) == {"component-zero", "component-five"}
 
 
-def test_one_shot_without_bridge_and_selection(hetero_workspace):
+def test_one_shot_without_bridge_and_selection(hetero_workspace, recipe_factory):
     events = []
-    result = run_recipe(_recipe(hetero_workspace, "ablation", 'variant = "one-shot"\nselective = false\n'
-                                "transfer_bridge = false"), emit=events.append)
+    result = run_recipe(_recipe(recipe_factory, hetero_workspace, {"variant": "one-shot", "selective": False,
+                                                                  "transfer_bridge": False}), emit=events.append)
     steps = [e for e in events if isinstance(e, StepLosses)]
     assert {e.stage for e in steps} == {"target"} and "components" not in result.report
     assert all(e.losses["transfer"] == 0 and e.losses["reg"] == 0 for e in steps)
@@ -273,9 +269,9 @@ def test_one_shot_without_bridge_and_selection(hetero_workspace):
                                                                         abs=1e-4)
 
 
-def test_interrupted_then_resumed_run_ends_with_the_same_weights(hetero_workspace):
-    reference = run_recipe(_recipe(hetero_workspace, "resume-ref"))
-    recipe = _recipe(hetero_workspace, "resume")
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(hetero_workspace, recipe_factory):
+    reference = run_recipe(_recipe(recipe_factory, hetero_workspace))
+    recipe = _recipe(recipe_factory, hetero_workspace)
     cancel = CancelToken()
     seen = []
 
@@ -294,8 +290,8 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(hetero_workspac
     assert ref_report["components"]["zero"]["selection_share"] == resumed.report["components"]["zero"]["selection_share"]
 
 
-def test_methods_without_shared_labels_refuse_a_label_from_two_teachers(hetero_workspace):
-    recipe = _recipe(hetero_workspace, "refused")
+def test_methods_without_shared_labels_refuse_a_label_from_two_teachers(hetero_workspace, recipe_factory):
+    recipe = _recipe(recipe_factory, hetero_workspace)
     recipe.method = "kd"
     recipe.params = {}
     with pytest.raises(KamalError, match="adaptive-ka"):

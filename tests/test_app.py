@@ -369,17 +369,23 @@ def test_cancel_stops_within_a_second_and_keeps_finished_blocks(window, quick_de
 
 
 def test_the_demo_workspace_is_built_with_a_progress_dialog_then_opened(window, tmp_path, qtbot, monkeypatch):
+    """One build: a bar over the whole build with an overall ETA, then the workspace opened."""
     from kamal_engine import demo
 
     quick = demo.DemoConfig.quick()
     monkeypatch.setattr(demo, "DemoConfig", lambda: quick)
     folder = tmp_path / "fresh-demo"
-    messages = []
+    messages, values, labels = [], [], []
     assert window.open_demo_workspace(folder)
-    window.demo_handle.worker.yielded.connect(messages.append)
-    assert window.demo_dialog.isVisible() and not window.start_button.isEnabled()
+    dialog = window.demo_dialog
+    assert dialog.maximum() == 1000 and "idle 2-core machine" in dialog.labelText()
+    window.demo_handle.worker.yielded.connect(
+        lambda m: (messages.append(m), values.append(dialog.value()), labels.append(dialog.labelText())))
+    assert dialog.isVisible() and not window.start_button.isEnabled()
     qtbot.waitUntil(lambda: window.demo_handle is None, timeout=120000)
     assert demo.is_complete(folder) and messages
+    assert values == sorted(values) and len(set(values)) > 10 and max(values) >= 990
+    assert any("left" in text and "%" in text for text in labels)
     assert [t.name for t in window.session.teachers] == ["digits_0to4", "digits_5to9"]
     assert window.session.recipe_path == (folder / "recipes" / "filtered-ka.toml").resolve()
     assert window.settings.value("demo/folder") == str(folder.resolve())
@@ -687,21 +693,6 @@ def test_after_resume_the_plots_keep_the_finished_blocks(window, quick_demo, tmp
     line, _ = next(iter(page.converged_curves.values()))
     assert line.getData()[0][0] == 1.0  # the branch chart starts at b1 too
     assert set(page.monitor.plan) == set(page.monitor.converged)
-
-
-def test_the_demo_build_shows_a_bar_over_the_whole_build_with_an_overall_eta(window, tmp_path, qtbot, monkeypatch):
-    from kamal_engine import demo
-
-    quick = demo.DemoConfig.quick()
-    monkeypatch.setattr(demo, "DemoConfig", lambda: quick)
-    assert window.open_demo_workspace(tmp_path / "fresh-demo")
-    dialog = window.demo_dialog
-    assert dialog.maximum() == 1000 and "idle 2-core machine" in dialog.labelText()
-    values, labels = [], []
-    window.demo_handle.worker.yielded.connect(lambda m: (values.append(dialog.value()), labels.append(dialog.labelText())))
-    qtbot.waitUntil(lambda: window.demo_handle is None, timeout=120000)
-    assert values == sorted(values) and len(set(values)) > 10 and max(values) >= 990
-    assert any("left" in text and "%" in text for text in labels)
 
 
 def test_the_build_meter_weights_parts_and_its_eta_follows_the_measured_rate():

@@ -57,8 +57,9 @@ def test_image_and_folder_errors(tmp_path):
     (tmp_path / "broken.png").write_text("not an image")
     with pytest.raises(DataError, match="broken.png: image cannot be read"):
         load_image(tmp_path / "broken.png")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no images"):
-        list_images(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
+        list_images(tmp_path / "empty")
     with pytest.raises(DataError, match="not found"):
         list_images(tmp_path / "missing")
     with pytest.raises(DataError, match="neither a .csv"):

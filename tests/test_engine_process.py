@@ -29,6 +29,13 @@ def tiny_recipe(root: Path, out: Path):
     return recipe
 
 
+def blocks_kept(out: Path) -> int:
+    """The blocks the run folder's checkpoint holds."""
+    import torch
+
+    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["state"]["blocks_done"]
+
+
 def test_errors_keep_their_type_sentence_and_file_across_processes():
     error = pickle.loads(pickle.dumps(DataError("is not a folder of images", "/data/unlabeled")))
     assert type(error) is DataError and error.path == Path("/data/unlabeled")
@@ -63,7 +70,7 @@ def test_cancel_stops_the_child_quickly_and_keeps_its_blocks(quick_demo, tmp_pat
     with pytest.raises(RunCancelled):
         run_in_child_process(tiny_recipe(root, tmp_path / "run"), False, emit, abort)
     assert time.monotonic() - cancelled_at[0] < 1.0  # the child stopped and exited
-    assert has_unfinished_run(tmp_path / "run")
+    assert has_unfinished_run(tmp_path / "run") and blocks_kept(tmp_path / "run") >= 1
 
 
 def test_a_killed_child_becomes_an_error_that_says_resume_continues(quick_demo, tmp_path):
@@ -115,7 +122,7 @@ def test_the_child_stops_on_its_own_keeping_its_blocks_when_the_app_is_killed(qu
     while time.monotonic() < deadline and _alive(child):
         time.sleep(0.1)
     assert not _alive(child), "the training process kept running after the app died"
-    assert has_unfinished_run(out)  # its finished blocks are kept: Resume continues
+    assert has_unfinished_run(out) and blocks_kept(out) >= 1  # its finished blocks are kept: Resume continues
 
 
 def _alive(pid: int) -> bool:

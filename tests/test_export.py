@@ -198,15 +198,12 @@ def test_export_cli_reports_the_check(quick_student, tmp_path, capsys):
     assert load_predictor(tmp_path / "s.onnx", "cpu").runtime == "onnxruntime"
 
 
-def test_a_failed_export_in_a_run_keeps_the_student_and_exits_1(quick_demo, tmp_path, monkeypatch, capsys):
+def test_a_failed_export_in_a_run_keeps_the_student_and_exits_1(quick_demo, recipe_factory, tmp_path, monkeypatch,
+                                                               capsys):
     root, _ = quick_demo
     monkeypatch.setattr(export, "FP32_TOLERANCE", 0.0)
-    text = (root / "recipes" / "filtered-ka.toml").read_text()
-    text = text.replace('id = "filtered-ka"', 'id = "kd"\nepochs = 1\nbatch_size = 64')
-    text = text.replace('output_dir = "../runs/filtered-ka"', f'output_dir = "{tmp_path / "run"}"')
-    text = text.replace('onnx = "../runs/filtered-ka/student.onnx"', f'onnx = "{tmp_path / "run" / "s.onnx"}"')
-    recipe = root / "recipes" / "test-failed-export.toml"
-    recipe.write_text(text)
+    recipe = recipe_factory(root / "recipes" / "filtered-ka.toml", method={"id": "kd", "epochs": 1, "batch_size": 64},
+                            run={"output_dir": tmp_path / "run"}, export={"onnx": tmp_path / "run" / "s.onnx"})
     assert main(["run", str(recipe)]) == 1
     err = capsys.readouterr().err
     assert "the ONNX export asked for in [export] failed (the student bundle is saved)" in err

@@ -24,21 +24,14 @@ from kamal_engine.recipe import load_recipe
 from kamal_engine.runfolder import LOCK, RunLock, inspect_run_folder, lock_holder
 from kamal_engine.runner import fitting_batch_size, run_recipe
 
-TINY = "epochs_per_block = 1\nfinetune_epochs = 1\nbatch_size = 32"
+TINY = {"epochs_per_block": 1, "finetune_epochs": 1, "batch_size": 32}
 POSIX = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
-def recipe_file(root: Path, tmp_path: Path, out: Path, params: str = TINY, unlabeled: Path | None = None) -> Path:
-    """The quick demo's filtered-ka recipe, tiny, writing to ``out``; written into ``tmp_path``."""
-    text = (root / "recipes" / "filtered-ka.toml").read_text()
-    text = text.replace('id = "filtered-ka"', f'id = "filtered-ka"\n{params}')
-    text = text.replace('output_dir = "../runs/filtered-ka"', f'output_dir = "{out}"')
-    text = text.replace('"../', f'"{root}/')  # the recipe now lives elsewhere: its relative paths made absolute
-    if unlabeled is not None:
-        text = text.replace(f'unlabeled = "{root}/data/unlabeled"', f'unlabeled = "{unlabeled}"')
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("onnx ="))
-    path = tmp_path / f"{out.name}.toml"
-    path.write_text(text + "\n")
+def recipe_file(recipe_factory, root: Path, out: Path, params: dict = TINY, unlabeled: Path | None = None) -> Path:
+    """The quick demo's filtered-ka recipe, tiny, writing to ``out`` (no ONNX export); written under ``tmp_path``."""
+    path = recipe_factory(root / "recipes" / "filtered-ka.toml", method=params, run={"output_dir": out},
+                          data={} if unlabeled is None else {"unlabeled": unlabeled}, export={"onnx": None})
     assert load_recipe(path).output_dir == out
     return path
 
@@ -72,11 +65,11 @@ def checkpoint_step(out: Path) -> int:
 
 
 @POSIX
-def test_kill_9_mid_block_then_resume_finishes_and_loses_at_most_that_block(quick_demo, tmp_path):
+def test_kill_9_mid_block_then_resume_finishes_and_loses_at_most_that_block(quick_demo, recipe_factory, tmp_path):
     root, _ = quick_demo
     out = tmp_path / "killed"
-    params = "epochs_per_block = 2\nfinetune_epochs = 1\nbatch_size = 32"
-    proc = kamal("run", str(recipe_file(root, tmp_path, out, params)))
+    params = {"epochs_per_block": 2, "finetune_epochs": 1, "batch_size": 32}
+    proc = kamal("run", str(recipe_file(recipe_factory, root, out, params)))
     wait_for(proc, lambda lines: "converged loss at b1" in lines[-1])
     deadline = time.monotonic() + 60
     while not (out / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
@@ -91,7 +84,7 @@ def test_kill_9_mid_block_then_resume_finishes_and_loses_at_most_that_block(quic
     assert inspect_run_folder(out).state == "unfinished"
 
     events = []
-    result = run_recipe(load_recipe(recipe_file(root, tmp_path, out, params)), resume=True, emit=events.append)
+    result = run_recipe(load_recipe(recipe_file(recipe_factory, root, out, params)), resume=True, emit=events.append)
     started = next(e for e in events if isinstance(e, RunStarted))
     assert started.resumed_from
     warnings = [e.message for e in events if isinstance(e, RunWarning)]
@@ -105,7 +98,7 @@ def test_kill_9_mid_block_then_resume_finishes_and_loses_at_most_that_block(quic
 
 
 @POSIX
-def test_kill_9_inside_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(quick_demo, tmp_path):
+def test_kill_9_inside_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(quick_demo, recipe_factory, tmp_path):
     root, _ = quick_demo
     out = tmp_path / "torn"
     fault = textwrap.dedent("""
@@ -123,23 +116,24 @@ def test_kill_9_inside_a_checkpoint_write_leaves_the_previous_checkpoint_loadabl
             return real_save(obj, f, *a, **k)
         torch.save = save
     """)
-    proc = kamal("run", str(recipe_file(root, tmp_path, out)), code=fault)
+    proc = kamal("run", str(recipe_file(recipe_factory, root, out)), code=fault)
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert list((out / "checkpoints").glob(".*.part"))  # the torn temporary file is there ...
     step = checkpoint_step(out)  # ... and last.pt is the first, complete checkpoint
     assert step > 0
     events = []
-    run_recipe(load_recipe(recipe_file(root, tmp_path, out)), resume=True, emit=events.append)
+    run_recipe(load_recipe(recipe_file(recipe_factory, root, out)), resume=True, emit=events.append)
     assert next(e for e in events if isinstance(e, StepLosses)).step == step + 1
     assert not list((out / "checkpoints").glob(".*.part"))  # the resumed run removed it
 
 
 @POSIX
-def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_process(quick_demo, tmp_path, qtbot):
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_process(quick_demo, recipe_factory, tmp_path,
+                                                                       qtbot):
     root, _ = quick_demo
     out = tmp_path / "busy"
-    recipe = recipe_file(root, tmp_path, out, "epochs_per_block = 6\nfinetune_epochs = 6\nbatch_size = 32")
+    recipe = recipe_file(recipe_factory, root, out, {"epochs_per_block": 6, "finetune_epochs": 6, "batch_size": 32})
     first = kamal("run", str(recipe))
     wait_for(first, lambda lines: "converged loss at b1" in lines[-1])  # the lock is held from the start
     holder = lock_holder(out)
@@ -204,12 +198,13 @@ def _inject_nan_at(monkeypatch, at_step: int):
     monkeypatch.setattr(training.StepLoop, "run_epoch", run_epoch)
 
 
-def test_a_nan_loss_stops_the_run_at_once_naming_stage_block_step_and_keeps_the_checkpoint(quick_demo, tmp_path,
-                                                                                            monkeypatch, capsys):
+def test_a_nan_loss_stops_the_run_at_once_naming_stage_block_step_and_keeps_the_checkpoint(quick_demo, recipe_factory,
+                                                                                            tmp_path, monkeypatch,
+                                                                                            capsys):
     root, _ = quick_demo
     out = tmp_path / "nan"
-    recipe = recipe_file(root, tmp_path, out)
-    first = run_recipe(load_recipe(recipe_file(root, tmp_path, tmp_path / "probe")), emit=lambda e: None)
+    recipe = recipe_file(recipe_factory, root, out)
+    first = run_recipe(load_recipe(recipe_file(recipe_factory, root, tmp_path / "probe")), emit=lambda e: None)
     per_block = [int(r["step"]) for r in __import__("csv").DictReader(open(tmp_path / "probe" / "metrics.csv"))
                  if r["block"] == "1"]
     at = max(per_block) + 2  # the second step of block 2
@@ -240,7 +235,8 @@ def test_weights_that_turned_nan_are_never_checkpointed(tmp_path):
     assert checkpoint_step(tmp_path) == 3
 
 
-def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays_intact(quick_demo, tmp_path, monkeypatch):
+def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays_intact(quick_demo, recipe_factory, tmp_path,
+                                                                               monkeypatch):
     root, _ = quick_demo
     out = tmp_path / "full"
     real_save, calls = torch.save, []
@@ -255,12 +251,12 @@ def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays_intact(q
 
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(DiskFullError) as caught:
-        run_recipe(load_recipe(recipe_file(root, tmp_path, out)))
+        run_recipe(load_recipe(recipe_file(recipe_factory, root, out)))
     assert "the disk is full" in str(caught.value) and "--resume" in str(caught.value)
     assert checkpoint_step(out) > 0  # the first checkpoint, complete
     assert not list((out / "checkpoints").glob(".*.part"))  # nothing half-written left
     monkeypatch.setattr(torch, "save", real_save)
-    result = run_recipe(load_recipe(recipe_file(root, tmp_path, out)), resume=True)
+    result = run_recipe(load_recipe(recipe_file(recipe_factory, root, out)), resume=True)
     assert result.report["branch_points"]
 
 
@@ -310,13 +306,13 @@ def test_a_damaged_image_is_skipped_with_a_warning_and_counted_and_many_stop_the
     assert len(UnlabeledImages.from_folder(tmp_path / "images", (28, 28), max_damaged=0.5).damaged) > 1
 
 
-def test_a_run_reports_its_damaged_images(quick_demo, tmp_path):
+def test_a_run_reports_its_damaged_images(quick_demo, recipe_factory, tmp_path):
     root, _ = quick_demo
     images = _copy_images(root, tmp_path / "images")
     images[0].write_bytes(b"\x89PNG\r\n\x1a\n broken")
     events = []
-    result = run_recipe(load_recipe(recipe_file(root, tmp_path, tmp_path / "damaged", unlabeled=tmp_path / "images")),
-                        emit=events.append)
+    recipe = recipe_file(recipe_factory, root, tmp_path / "damaged", unlabeled=tmp_path / "images")
+    result = run_recipe(load_recipe(recipe), emit=events.append)
     assert result.report["data"]["damaged"] == 1 and result.report["data"]["images"] == len(images) - 1
     assert result.report["data"]["damaged_files"][0]["path"] == str(images[0])
     assert any(isinstance(e, RunWarning) and str(images[0]) in e.message and "skipped" in e.message for e in events)

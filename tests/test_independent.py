@@ -11,7 +11,7 @@ from kamal_engine.demo import DemoConfig, IndependentTeacher, build_independent,
 from kamal_engine.recipe import load_recipe
 from kamal_engine.runner import run_recipe
 
-TINY = "epochs_per_block = 1\nmax_rounds_per_block = 2\nfinetune_epochs = 1\nbatch_size = 32\nap_by_block = false"
+TINY = {"epochs_per_block": 1, "max_rounds_per_block": 2, "finetune_epochs": 1, "batch_size": 32, "ap_by_block": False}
 TEACHERS = (IndependentTeacher("apart_a", "smallnet", (0, 1, 2, 3, 4), 0, 11, 4, {"width": 8}),
             IndependentTeacher("apart_b", "smallnet", (5, 6, 7, 8, 9), 1, 12, 4, {"width": 8}))
 
@@ -28,16 +28,11 @@ def apart_workspace(quick_demo, tmp_path_factory):
     return copy
 
 
-def recipe(root, out, name="filtered-ka-independent.toml", extra=TINY):
-    text = (root / "recipes" / name).read_text()
-    text = text.replace('id = "filtered-ka"', f'id = "filtered-ka"\n{extra}')
-    text = text.replace('device = "auto"', 'device = "cpu"')
-    text = text.split("[export]")[0]  # no ONNX export needed here
-    for folder in ("filtered-ka-independent", "filtered-ka"):
-        text = text.replace(f'output_dir = "../runs/{folder}"', f'output_dir = "{out}"')
-    path = root / "recipes" / f"test-{out.name}.toml"
-    path.write_text(text)
-    return load_recipe(path)
+def recipe(recipe_factory, root, out, name="filtered-ka-independent.toml", extra=TINY):
+    """The workspace's recipe ``name`` with filtered-ka's ``extra`` settings, on the CPU, into ``out``."""
+    return load_recipe(recipe_factory(root / "recipes" / name, method={"id": "filtered-ka", **extra},
+                                      run={"device": "cpu", "output_dir": out},
+                                      export=None))  # no ONNX export needed here
 
 
 def test_the_independent_teachers_arrive_as_a_users_bare_state_dicts(apart_workspace):
@@ -54,11 +49,12 @@ def test_the_independent_teachers_arrive_as_a_users_bare_state_dicts(apart_works
     assert loaded.student_arch == "smallnet" and loaded.student_init == "teacher"
 
 
-def test_filters_are_chosen_by_measurement_and_the_diagnosis_is_reported(apart_workspace, quick_demo, tmp_path):
+def test_filters_are_chosen_by_measurement_and_the_diagnosis_is_reported(apart_workspace, quick_demo, recipe_factory,
+                                                                          tmp_path):
     """The SE gate where the teachers share a backbone (the demo), adapters where they were trained apart."""
     shared_root, _ = quick_demo
-    apart = run_recipe(recipe(apart_workspace, tmp_path / "apart")).report
-    shared = run_recipe(recipe(shared_root, tmp_path / "shared", "filtered-ka.toml")).report
+    apart = run_recipe(recipe(recipe_factory, apart_workspace, tmp_path / "apart")).report
+    shared = run_recipe(recipe(recipe_factory, shared_root, tmp_path / "shared", "filtered-ka.toml")).report
     for report, other, kind in ((apart, "apart_b", "adapter"), (shared, "digits_5to9", "se")):
         b1 = report["diagnosis"]["blocks"][0]
         assert b1["block"] == "b1" and b1["teachers"][other]["filter"] == kind, b1["teachers"][other]
@@ -76,11 +72,11 @@ def test_filters_are_chosen_by_measurement_and_the_diagnosis_is_reported(apart_w
     assert b4["apart_a"]["share"] > b4["apart_b"]["share"]
 
 
-def test_a_warning_names_the_teacher_whose_knowledge_does_not_get_through(apart_workspace, tmp_path):
+def test_a_warning_names_the_teacher_whose_knowledge_does_not_get_through(apart_workspace, recipe_factory, tmp_path):
     events = []
     from kamal_engine.events import BlockDiagnosed, RunWarning
 
-    report = run_recipe(recipe(apart_workspace, tmp_path / "warn", extra=TINY + "\nwarn_share = 1.0"),
+    report = run_recipe(recipe(recipe_factory, apart_workspace, tmp_path / "warn", extra={**TINY, "warn_share": 1.0}),
                         emit=events.append).report
     warnings = report["diagnosis"]["warnings"]
     assert warnings and any("apart_b" in w and "of the way" in w for w in warnings)

@@ -2,6 +2,7 @@
 folder with files no run wrote is refused, by the CLI and the engine alike."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -51,7 +52,8 @@ def test_a_finished_run_is_refused_unless_replaced_then_moved_aside_whole(tmp_pa
     moved = claim_run_folder(run, replace=True)
     assert moved.name.startswith("run.previous-") and (moved / "report.json").read_text() == "{}"
     assert not run.exists()
-    assert aside_path(run).name != moved.name or not moved.exists()
+    stamp = time.mktime(time.strptime(moved.name.removeprefix("run.previous-"), "%Y%m%d-%H%M%S"))
+    assert aside_path(run, stamp) == moved.with_name(f"{moved.name}-2")  # a name taken is never reused
 
 
 def test_an_unfinished_run_needs_restart_and_a_foreign_folder_is_always_refused(tmp_path):
@@ -69,22 +71,17 @@ def test_an_unfinished_run_needs_restart_and_a_foreign_folder_is_always_refused(
     assert free_sibling(mine) == tmp_path / "mine-2"
 
 
-def _recipe(quick_demo, tmp_path, out):
+def _recipe(recipe_factory, quick_demo, out):
     """The quick demo's filtered-ka recipe, as short as it gets, into ``out`` (no ONNX export)."""
     root, _ = quick_demo
-    text = (root / "recipes" / "filtered-ka.toml").read_text()
-    text = text.replace('output_dir = "../runs/filtered-ka"', f'output_dir = "{out}"')
-    text = text.replace('id = "filtered-ka"', 'id = "filtered-ka"\nepochs_per_block = 1\nfinetune_epochs = 1\n'
-                        'batch_size = 64\nmax_rounds_per_block = 1')
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("onnx ="))
-    path = tmp_path / "quick.toml"
-    path.write_text(text.replace('"../', f'"{root}/'))
-    return path
+    return recipe_factory(root / "recipes" / "filtered-ka.toml", run={"output_dir": out}, export={"onnx": None},
+                          method={"epochs_per_block": 1, "finetune_epochs": 1, "batch_size": 64,
+                                  "max_rounds_per_block": 1})
 
 
-def test_kamal_run_refuses_a_finished_run_and_replace_moves_it_aside(quick_demo, tmp_path, capsys):
+def test_kamal_run_refuses_a_finished_run_and_replace_moves_it_aside(quick_demo, recipe_factory, tmp_path, capsys):
     out = tmp_path / "run"
-    recipe = _recipe(quick_demo, tmp_path, out)
+    recipe = _recipe(recipe_factory, quick_demo, out)
     assert kamal(["run", str(recipe)]) == 0
     first = (out / "report.json").read_text()
     capsys.readouterr()
@@ -101,13 +98,13 @@ def test_kamal_run_refuses_a_finished_run_and_replace_moves_it_aside(quick_demo,
     assert (out / MANIFEST).is_file() and (out / "report.json").is_file()
 
 
-def test_kamal_run_never_touches_a_users_own_checkpoints(quick_demo, tmp_path, capsys):
+def test_kamal_run_never_touches_a_users_own_checkpoints(quick_demo, recipe_factory, tmp_path, capsys):
     out = tmp_path / "mine"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "epoch10.pt").write_bytes(b"my weights")
-    recipe = _recipe(quick_demo, tmp_path, out)
+    recipe = _recipe(recipe_factory, quick_demo, out)
     for extra in ([], ["--restart"], ["--replace"]):
         assert kamal(["run", str(recipe), *extra]) == 2
         assert "files that no run wrote" in capsys.readouterr().err
     assert (out / "checkpoints" / "epoch10.pt").read_bytes() == b"my weights"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "quick.toml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["mine", recipe.parent.name])  # nothing moved aside
