@@ -10,6 +10,7 @@ the GUI thread drains it from its redraw timer (20 Hz) into a :class:`RunMonitor
 * ``knowledge``: per block and teacher, how much of the teacher's knowledge the student reproduces
   (filtered-ka's diagnosis: share, filter kind, feature relatedness), and ``warnings``: plain sentences;
 * ``samples``: the latest grid of generated images (data-free methods), progress, ETA and stage text.
+* ``coverage``: per label, the share of the last epoch's generated images the teachers call it present in.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class RunMonitor:
         self.warnings: list[str] = []
         self.samples = None
         self.samples_step = 0
+        self.coverage: dict[str, float] = {}  # per label: share of the last epoch's generated images present
+        self.coverage_epoch = 0
+        self.coverage_diversity = float("nan")
         self.fraction = 0.0
         self.total_steps = 0  # of the whole run (the loss plot's x extent)
         self.images_per_second = 0.0  # the engine's running throughput (last step event)
@@ -72,7 +76,7 @@ class RunMonitor:
         self.stage_text = ""
         self.points = 0  # loss points received (tests: "the plot receives points")
         self.new_log: list[str] = []
-        self.dirty = set()  # "losses", "generator", "converged", "samples", "progress"
+        self.dirty = set()  # "losses", "generator", "converged", "samples", "coverage", "progress"
         self.dirty_series: set[str] = set()  # loss series with new points since the last redraw
         self.dirty_generator: set[str] = set()
 
@@ -129,6 +133,10 @@ class RunMonitor:
         elif isinstance(event, ev.SamplesGenerated):
             self.samples, self.samples_step = event.images, event.step
             self.dirty.add("samples")
+        elif isinstance(event, ev.LabelsCovered):
+            self.coverage, self.coverage_epoch = dict(event.rates), event.epoch
+            self.coverage_diversity = event.diversity
+            self.dirty.add("coverage")
         elif isinstance(event, ev.Finished):
             self.fraction, self.eta_seconds = 1.0, 0.0
             self.dirty.add("progress")

@@ -28,6 +28,7 @@ class Evaluation:
     mean_ap: float = math.nan
     accuracy: float = math.nan
     not_evaluated: list[str] = field(default_factory=list)  # model labels the data has no column for
+    present: dict[str, float] = field(default_factory=dict)  # per label: share of images called present (p > 0.5)
 
     def to_dict(self) -> dict:
         def clean(v):
@@ -65,8 +66,9 @@ def evaluate(predict: Predictor, labels: Sequence[str], task: str, input_size: S
         model_cols = [labels.index(label) for label in common]
         data_cols = [data.labels.index(label) for label in common]
         ap = per_label_ap(scores[:, model_cols], data.targets[:, data_cols], common)
+        present = {label: float((scores[:, labels.index(label)] > 0.5).mean()) for label in common}
         return Evaluation(task, len(data), ap=ap, mean_ap=mean_ap(ap),
-                          not_evaluated=[label for label in labels if label not in common])
+                          not_evaluated=[label for label in labels if label not in common], present=present)
     if data.task != "multiclass":
         raise DataError("is a multi-label CSV, but the model is multi-class: give a folder with one sub-folder "
                         "per class", data.source)
@@ -76,8 +78,10 @@ def evaluate(predict: Predictor, labels: Sequence[str], task: str, input_size: S
                         f"(model classes: {', '.join(labels[:8])}{'…' if len(labels) > 8 else ''})", data.source)
     scores = predict_all(predict, data, input_size, batch_size, progress)
     targets = np.asarray([labels.index(data.labels[t]) for t in data.targets])
+    chosen = scores.argmax(1)
+    present = {label: float((chosen == k).mean()) for k, label in enumerate(labels)}
     return Evaluation(task, len(data), accuracy=top1_accuracy(scores, targets),
-                      not_evaluated=[label for label in labels if label not in data.labels])
+                      not_evaluated=[label for label in labels if label not in data.labels], present=present)
 
 
 def evaluate_teacher(teacher, data: LabelledSet, batch_size: int = 64, device: torch.device | str = "cpu",

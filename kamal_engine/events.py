@@ -139,6 +139,16 @@ class SamplesGenerated:
 
 
 @dataclass
+class LabelsCovered:
+    """After an epoch of generated images: per label, the share the teachers call present, and the
+    images' diversity (RMS distance between two images; ``kamal_engine.methods.datafree``)."""
+    stage: str
+    epoch: int
+    rates: dict[str, float]
+    diversity: float
+
+
+@dataclass
 class BranchPlanChosen:
     plan: dict[str, str]  # task -> block name
 
@@ -213,6 +223,9 @@ def describe(event: Event) -> str | None:
             for name, d in event.teachers.items())
     if isinstance(event, RunWarning):
         return f"Warning: {event.message}"
+    if isinstance(event, LabelsCovered):
+        return (f"  epoch {event.epoch}, labels present in the generated images: "
+                + ", ".join(f"{k} {v:.0%}" for k, v in event.rates.items()) + f"; diversity {event.diversity:.2f}")
     if isinstance(event, BranchPlanChosen):
         return "Branch points: " + ", ".join(f"{k} → {v}" for k, v in event.plan.items())
     if isinstance(event, Evaluated):

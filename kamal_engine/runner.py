@@ -316,6 +316,9 @@ class RecipeRun:
         report = self.describe(inputs, result, student)
         if inputs.validation is not None:
             report["validation"] = self.validate(inputs, student)
+            if "coverage" in report:  # a data-free run: the rates its generated images are compared with
+                report["coverage"]["real"] = {label: rate for t in report["validation"]["teachers"].values()
+                                              for label, rate in t.get("present", {}).items()}
         summary = {"student": str(self.out / "student.kamal.pt"), **self.export(student, report)}
         report["seconds"] = round(time.monotonic() - started, 1)
         report = _clean(report)

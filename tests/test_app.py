@@ -789,3 +789,46 @@ def test_a_killed_training_process_is_reported_with_its_signal_and_resume_contin
     window.start_button.click()
     assert answer.done and not answer.errors and "unfinished run" in answer.seen[0]
     _run_to_the_end(window, qtbot)
+
+
+def test_the_train_page_draws_a_bar_per_label_of_the_generated_images_coverage(window, qtbot):
+    from kamal_engine import events as ev
+
+    page = window.train_page
+    page.free_box.setVisible(False)
+    page.events.put(ev.LabelsCovered("train", 1, {"zero": 0.9, "one": 0.0, "two": 0.25}, 0.7))
+    page.redraw()
+    assert not page.free_box.isHidden()
+    assert page.coverage_bars.opts["height"].tolist() == [0.9, 0.0, 0.25]
+    assert "epoch 1" in page.coverage_plot.getPlotItem().titleLabel.text
+    page.events.put(ev.LabelsCovered("train", 2, {"zero": 0.5, "one": 0.4, "two": 0.3}, 0.8))
+    page.redraw()
+    assert page.coverage_bars.opts["height"].tolist() == [0.5, 0.4, 0.3]  # the same bars, new heights
+    assert "epoch 2" in page.coverage_plot.getPlotItem().titleLabel.text
+    assert "one: 40%" in page.coverage_plot.toolTip() and "diversity 0.80" in page.coverage_plot.toolTip()
+
+
+@pytest.mark.parametrize("method", ["dafl", "dual-gan"])
+def test_the_data_free_options_round_trip_through_the_method_form_and_the_recipe(window, quick_demo, method,
+                                                                               tmp_path):
+    root, _ = quick_demo
+    assert window.open_recipe(root / "recipes" / "dual-gan.toml")
+    page = window.data_page
+    for i in range(page.methods.count()):
+        if page.methods.item(i).data(Qt.ItemDataRole.UserRole) == method:
+            page.methods.setCurrentRow(i)
+    widgets = {name: w for name, (_, w) in page._param_widgets.items()}
+    widgets["balance"].setCurrentText("rate")
+    for name, text in (("target_rate", "0.3"), ("bn_prior", "2"), ("adversarial", "0.5"), ("target_rate", "1.5")):
+        widgets[name].setText(text)
+        widgets[name].editingFinished.emit()  # 1.5 is above target_rate's maximum: refused, 0.3 kept
+    widgets["augment"].setChecked(True)
+    widgets["replay"].setValue(256)
+    widgets["paper_faithful"].setChecked(True)
+    expected = {"balance": "rate", "target_rate": 0.3, "bn_prior": 2.0, "adversarial": 0.5, "augment": True,
+                "replay": 256, "paper_faithful": True}
+    assert {k: window.session.recipe.params[k] for k in expected} == expected
+    assert widgets["target_rate"].text() == "0.3"
+    path = tmp_path / "free.toml"
+    assert window.write_recipe(path)
+    assert {k: load_recipe(path).params[k] for k in expected} == expected

@@ -34,10 +34,11 @@ def param_widget(param: Param, value) -> QWidget:
         widget.setChecked(bool(value))
     elif isinstance(param.default, int):
         widget = QSpinBox()
-        widget.setRange(int(param.minimum) if param.minimum is not None else -10**9, 10**9)
+        widget.setRange(int(param.minimum) if param.minimum is not None else -10**9,
+                        int(param.maximum) if param.maximum is not None else 10**9)
         widget.setValue(int(value))
     else:
-        widget = FloatEdit(float(value), param.minimum)
+        widget = FloatEdit(float(value), param.minimum, param.maximum)
     widget.setToolTip(param.help)
     return widget
 
@@ -47,9 +48,9 @@ class FloatEdit(QLineEdit):
 
     valueChanged = Signal(float)
 
-    def __init__(self, value: float, minimum: float | None = None):
+    def __init__(self, value: float, minimum: float | None = None, maximum: float | None = None):
         super().__init__(f"{value:g}")
-        self._value, self.minimum = value, minimum
+        self._value, self.minimum, self.maximum = value, minimum, maximum
         self.editingFinished.connect(self._finished)
 
     def value(self) -> float:
@@ -60,7 +61,8 @@ class FloatEdit(QLineEdit):
             value = float(self.text())
         except ValueError:
             value = None
-        if value is None or not math.isfinite(value) or (self.minimum is not None and value < self.minimum):
+        if (value is None or not math.isfinite(value) or (self.minimum is not None and value < self.minimum)
+                or (self.maximum is not None and value > self.maximum)):
             self.setText(f"{self._value:g}")  # back to the last good value
             return
         if value != self._value:

@@ -10,7 +10,8 @@ Shows: overall progress with ETA, the stage text, per-block losses (a curve per 
 log-scale toggle), the converged loss of each task at each block with the chosen branch points
 marked, how much of each teacher's knowledge the student reproduces at each block (filtered-ka's
 diagnosis, with the filter used and the features' relatedness in a tooltip) and any warning about it,
-and for data-free methods the generator's losses and the latest generated samples.
+and for data-free methods the generator's losses, the latest generated samples and, beside them, a
+bar per label: the share of the last epoch's generated images the teachers call it present in.
 """
 
 from __future__ import annotations
@@ -242,13 +243,18 @@ class TrainPage(QWidget):
         self.samples.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.samples.setMinimumWidth(self.fontMetrics().averageCharWidth() * 40)
         free.addWidget(self.samples)
+        self.coverage_plot = _plot("Labels present (last epoch)", "share of images", "label")
+        self.coverage_plot.setYRange(0, 1, padding=0.02)
+        self.coverage_plot.setMouseEnabled(x=False, y=False)
+        self.coverage_bars = None
+        free.addWidget(self.coverage_plot, 1)
         grid.addWidget(self.free_box, 2, 0, 1, 2)
         self.free_box.setVisible(False)
         grid.setRowStretch(0, 1)
         grid.setColumnStretch(0, 1)
         grid.setColumnStretch(1, 1)
         self.plots_grid = grid  # the data-free row gets a share of the height only when shown (start)
-        for plot in (self.loss_plot, self.converged_plot, self.generator_plot):
+        for plot in (self.loss_plot, self.converged_plot, self.generator_plot, self.coverage_plot):
             plot.setMinimumHeight(self.fontMetrics().height() * 12)
 
         self.log = QPlainTextEdit()  # shown in the main window's log dock
@@ -282,6 +288,10 @@ class TrainPage(QWidget):
         self.branch_stars = None
         self._converged_ticks = None
         self.generator_plot.getPlotItem().clear()
+        self.coverage_plot.getPlotItem().clear()
+        self.coverage_plot.getPlotItem().setTitle("Labels present (last epoch)", color=self.palette().text().color().name())
+        self.coverage_plot.setToolTip("")
+        self.coverage_bars = None
         for plot in (self.loss_plot, self.converged_plot, self.generator_plot):
             plot.legend.set_entries([])
         for plot in (self.loss_plot, self.generator_plot):
@@ -362,6 +372,30 @@ class TrainPage(QWidget):
             self.samples.setPixmap(pixmap.scaled(side, side, Qt.AspectRatioMode.KeepAspectRatio,
                                                  Qt.TransformationMode.FastTransformation))
             self.samples.setToolTip(f"generated at step {m.samples_step}")
+
+        if "coverage" in dirty and m.coverage:
+            self._show_free_box()
+            self._draw_coverage()
+
+    def _draw_coverage(self) -> None:
+        """One bar per label: the share of the last epoch's generated images the teachers call it present in."""
+        m = self.monitor
+        names = list(m.coverage)
+        x = np.arange(1, len(names) + 1, dtype=np.float64)
+        heights = np.nan_to_num(np.asarray([m.coverage[n] for n in names], dtype=np.float64))
+        item = self.coverage_plot.getPlotItem()
+        if self.coverage_bars is None:
+            self.coverage_bars = pg.BarGraphItem(x=x, height=heights, width=0.7, brush=pg.mkBrush(70, 130, 180))
+            item.addItem(self.coverage_bars)
+            item.getAxis("bottom").setTicks([[(float(i), n) for i, n in zip(x, names)]])
+            item.setXRange(0.4, len(names) + 0.6, padding=0)
+        else:
+            self.coverage_bars.setOpts(x=x, height=heights)
+        item.setTitle(f"Labels present, epoch {m.coverage_epoch}", color=self.palette().text().color().name())
+        item.setYRange(0, 1, padding=0.02)
+        self.coverage_plot.setToolTip("Share of the epoch's generated images each label is present in:\n"
+                                      + "\n".join(f"{n}: {v:.0%}" for n, v in zip(names, heights))
+                                      + f"\ndiversity {m.coverage_diversity:.2f}")
 
     def _show_free_box(self) -> None:
         self.free_box.setVisible(True)

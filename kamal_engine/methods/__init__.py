@@ -31,6 +31,7 @@ class Param:
     help: str
     choices: tuple | None = None
     minimum: float | None = None
+    maximum: float | None = None
 
     def check(self, value: Any) -> str | None:
         """None when ``value`` is acceptable, else what is expected."""
@@ -47,6 +48,8 @@ class Param:
             return "one of " + ", ".join(map(str, self.choices))
         if self.minimum is not None and value < self.minimum:
             return f"a value ≥ {self.minimum}"
+        if self.maximum is not None and value > self.maximum:
+            return f"a value ≤ {self.maximum}"
         return None
 
 

@@ -22,6 +22,15 @@ script's 0.2: on the digits benchmark (``benchmarks/dafl_digits.py``, 600 steps 
 is ``iterations`` steps (120 in the authors' code); the student's rate is divided by 10 for the last
 20 % of the epochs (our choice; the paper does not give a schedule for MNIST).
 
+Beyond the paper (options, all off with ``paper_faithful = true``; the ingredients in
+:mod:`kamal_engine.methods.datafree`): ``balance = "rate"`` replaces Eq. 6 for multi-label outputs by
+the per-label rate term; ``bn_prior`` adds DeepInversion's batch-norm statistics prior to the
+generator's loss; ``augment`` and ``replay`` train the student on shifted/flipped images and on a
+pool of past batches; ``adversarial`` adds, after ``adversarial_warmup`` epochs, the term by which
+the generator seeks images where the student disagrees with the teachers. After every epoch the
+share of generated images the teachers call each label present (and their diversity) is reported
+(:class:`~kamal_engine.events.LabelsCovered`, report ``coverage``).
+
 ``source = "noise"`` is the paper's baseline of Table 1 ("data randomly generated from normal
 distribution"): no generator, the student learns by KD on N(0, 1) images.
 
@@ -36,11 +45,12 @@ from __future__ import annotations
 
 import torch
 
-from ..events import SamplesGenerated, StageStarted
+from ..events import LabelsCovered, SamplesGenerated, StageStarted
 from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
 from .common import RunContext, Term, descend, describe_terms, loss_dict, total_loss, whole_student
-from .datafree import activation_loss, information_entropy_loss, one_hot_loss
+from .datafree import (PAPER_FORM, BatchNormPrior, LabelCoverage, ReplayPool, activation_loss, balance_loss,
+                       datafree_params, disagreement, effective_params, one_hot_loss, student_batch)
 from .generators import DCGANGenerator, GeneratedImages
 
 
@@ -65,14 +75,24 @@ class TeacherDiscriminator:
         return torch.cat(logits, 1), features
 
 
-GENERATOR_TERMS = (Term("one-hot", "one_hot"), Term("activation", "alpha"), Term("entropy", "beta"))  # Eq. 7
+
+
+def generator_terms(p: dict) -> tuple[Term, ...]:
+    """Eq. 7's terms (the balance term named by its form), then the options that are on."""
+    terms = [Term("one-hot", "one_hot"), Term("activation", "alpha"),
+             Term("entropy" if p["balance"] == "entropy" else "rate", "beta")]
+    if p["bn_prior"] > 0:
+        terms.append(Term("batch-norm", "bn_prior"))
+    if p["adversarial"] > 0:
+        terms.append(Term("adversarial", "adversarial"))
+    return tuple(terms)
 
 
 class DAFL:
     """One dafl run: the generator, the student, their optimisers, and the alternating step."""
 
     def __init__(self, ctx: RunContext):
-        p = ctx.params
+        p = effective_params(ctx.params)
         self.ctx, self.p, self.device, self.tasks = ctx, p, ctx.device, ctx.selection.tasks
         self.student = whole_student(ctx).to(self.device)
         self.size = tuple(ctx.student_preprocessing.input_size)
@@ -85,12 +105,19 @@ class DAFL:
         self.generator = DCGANGenerator(p["latent_dim"], self.size, p["generator_width"]).to(self.device)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=p["lr_generator"], betas=(0.5, 0.999))
         self.opt_s = torch.optim.Adam(self.student.parameters(), lr=p["lr_student"])
+        self.terms = generator_terms(p)
+        self.prior = BatchNormPrior([(t.name, t.model) for n, t in enumerate(ctx.selection.teachers)
+                                     if n in self.teachers.active]) if p["bn_prior"] > 0 else None
+        self.pool = ReplayPool(p["replay"], self.device)
+        self.coverage = LabelCoverage(ctx.selection.labels)
+        self.covered: list[dict] = []  # one coverage summary per epoch
+        self.epoch = 0
         self.parts = {"student": self.student, "generator": self.generator, "opt_student": self.opt_s,
-                      "opt_generator": self.opt_g}  # what a checkpoint holds
+                      "opt_generator": self.opt_g, "pool": self.pool}  # what a checkpoint holds
 
     def images(self, count: int, draw: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """A batch for the student and the teachers' logits on it: generated after one generator step
-        (Module 1, Eq. 7), or N(0, 1) noise for the ``source = "noise"`` baseline."""
+        (Module 1, Eq. 7 and the options that are on), or N(0, 1) noise for the ``source = "noise"`` baseline."""
         p = self.p
         z = torch.randn(count, p["latent_dim"], generator=draw).to(self.device)
         if not self.use_generator:
@@ -99,32 +126,56 @@ class DAFL:
                 return x, self.teachers(x)[0], {}
         with autocast(self.device, self.ctx.precision):
             x = self.generator(z)
-            logits, features = self.teachers(x)
-        values = {"one-hot": one_hot_loss(logits, self.tasks), "activation": activation_loss(features),
-                  "entropy": information_entropy_loss(logits, self.tasks)}
-        l_total = total_loss(GENERATOR_TERMS, values, p)
+            if self.prior is not None:
+                with self.prior.recording():
+                    logits, features = self.teachers(x)
+            else:
+                logits, features = self.teachers(x)
+            values = {"one-hot": one_hot_loss(logits, self.tasks), "activation": activation_loss(features),
+                      self.terms[2].name: balance_loss(logits, self.tasks, p["balance"], p["target_rate"])}
+            if self.prior is not None:
+                values["batch-norm"] = self.prior.value()
+            if p["adversarial"] > 0:
+                warm = self.epoch > p["adversarial_warmup"]
+                self.student.eval()  # judged, not trained: its batch-norm statistics stay its own images'
+                values["adversarial"] = -disagreement(self.student(x), logits, self.tasks) * float(warm)
+                self.student.train()
+        l_total = total_loss(self.terms, values, p)
         descend(l_total, self.opt_g)
         logged = {"generator:total": float(l_total.detach()),
                   **{f"generator:{k}": float(v.detach()) for k, v in values.items()}}
         return x.detach(), logits.detach(), logged
 
     def step(self, loop: StepLoop, idx: torch.Tensor, draw: torch.Generator) -> dict[str, float]:
-        """One generator step, then one student step by KD on the same images (Module 2, Eq. 1); the
-        teachers are fixed, so their logits from the generator's pass are the targets."""
+        """One generator step, then one student step by KD (Module 2, Eq. 1) on the same images, or on
+        them replayed and augmented (then the teachers judge the images the student sees)."""
         x, teacher_logits, logged = self.images(len(idx), draw)
+        self.coverage.add(x, teacher_logits, self.tasks)
+        seen, changed = student_batch(x, self.pool, self.p, draw)
+        if changed:
+            with torch.no_grad(), autocast(self.device, self.ctx.precision):
+                teacher_logits = self.teachers(seen)[0]
         targets = task_probabilities(teacher_logits, self.tasks)
         with autocast(self.device, self.ctx.precision):
-            per_task = task_losses(self.student(x), targets, self.tasks)
+            per_task = task_losses(self.student(seen), targets, self.tasks)
         loss = per_task.sum() / len(self.tasks)
         descend(loss, self.opt_s)
         if self.p["preview_every"] and (loop.state.step + 1) % self.p["preview_every"] == 0:
             self.ctx.emit(SamplesGenerated(loop.state.step + 1, self.view.preview(x)))
         return {**loss_dict(loss, per_task, self.ctx.selection), **logged}
 
+    def end_epoch(self, epoch: int) -> None:
+        """The epoch's label coverage: kept for the report and sent to the app."""
+        summary = self.coverage.summary(epoch)
+        self.covered.append(summary)
+        self.coverage.reset()
+        self.ctx.emit(LabelsCovered("train", epoch, summary["rates"], summary["diversity"]))
+
 
 def run(ctx: RunContext) -> MethodResult:
     """Epochs of alternating generator and student steps, resumed after the last finished epoch."""
-    p, dafl = ctx.params, DAFL(ctx)
+    dafl = DAFL(ctx)
+    p = dafl.p
     batch, iterations, epochs = p["batch_size"], p["iterations"], p["epochs"]
     decay_from = max(1, int(round(0.8 * epochs)))
     saved = ctx.saved()
@@ -132,6 +183,7 @@ def run(ctx: RunContext) -> MethodResult:
     if done:
         for key, part in dafl.parts.items():
             part.load_state_dict(saved[key])
+        dafl.covered = list(saved.get("coverage", []))
     loop = ctx.loop(epochs * iterations)
     ctx.emit(StageStarted("train", None, None, len(dafl.student.trunk), epochs, epochs * iterations))
     set_mode([dafl.student, dafl.generator] if dafl.use_generator else [dafl.student],
@@ -140,15 +192,23 @@ def run(ctx: RunContext) -> MethodResult:
     for epoch in range(done + 1, epochs + 1):
         for group in dafl.opt_s.param_groups:
             group["lr"] = p["lr_student"] * (0.1 if epoch > decay_from else 1.0)
-        draw = ctx.draw(epoch)
+        draw, dafl.epoch = ctx.draw(epoch), epoch
         batches = (torch.arange(i * batch, (i + 1) * batch) for i in range(iterations))
         means = loop.run_epoch(batches, lambda idx: dafl.step(loop, idx, draw), "train", None, epoch)
-        ctx.save(loop, epochs_done=epoch, **{key: part.state_dict() for key, part in dafl.parts.items()})
+        dafl.end_epoch(epoch)
+        ctx.save(loop, epochs_done=epoch, coverage=dafl.covered,
+                 **{key: part.state_dict() for key, part in dafl.parts.items()})
+    if dafl.prior is not None:
+        dafl.prior.remove()
     dafl.student.eval()
     report = {"epochs": epochs, "iterations": iterations, "source": p["source"],
-              "generated_images": epochs * iterations * batch}
+              "generated_images": epochs * iterations * batch, "paper_faithful": bool(p["paper_faithful"]),
+              "ingredients": {k: p[k] for k in (*PAPER_FORM, "target_rate", "adversarial_warmup")},
+              "coverage": {"generated": dafl.covered}}
     if dafl.use_generator:
-        report["loss_terms"] = {"generator": describe_terms(GENERATOR_TERMS, p, means, "generator:")}
+        report["loss_terms"] = {"generator": describe_terms(dafl.terms, p, means, "generator:")}
+    if dafl.prior is not None:
+        report["batch_norm_prior"] = dafl.prior.describe()
     return MethodResult(dafl.student, "stage", report)
 
 
@@ -173,6 +233,7 @@ METHOD = MethodInfo(
         Param("beta", 5.0, "weight β of the information-entropy loss L_ie (Eq. 7; paper: 5)", minimum=0.0),
         Param("source", "generator", "'generator' (DAFL) or 'noise' (the paper's random-noise baseline)",
               choices=("generator", "noise")),
+        *datafree_params(),
         Param("preview_every", 200, "steps between generated-sample previews (0: none)", minimum=0),
     ),
     run=run,

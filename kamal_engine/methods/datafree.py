@@ -32,17 +32,45 @@ the logits of every selected output side by side (the columns of ``tasks``, as i
     output after 400 steps) and the generator collapsed to images on which every prediction is
     saturated and constant (L_ie ≈ 0, i.e. no diversity), from which the student learned nothing
     (mAP 0.23, chance level). Kept for comparison.
+
+The ingredients beyond the papers, each an option of ``dafl`` and ``dual-gan`` (README, "Methods"):
+
+* :func:`rate_balance_loss` (``balance = "rate"``): for multi-label outputs the entropy term of Eq. 6
+  is maximal when every label is present in half the images *on average over the batch*, which a
+  generator meets by one image type per label, and it says nothing about a label the teachers
+  never call present at all beyond a log. The rate form pulls the batch's rate ``m_c`` of each label
+  towards a target rate ``r`` with ``KL(Bern(r) || Bern(m_c))``, which grows without bound as a label
+  disappears (``m_c → 0``). Multi-class tasks keep Eq. 6 (its softmax entropy already is the
+  balance a class-coverage target would ask for).
+* :class:`BatchNormPrior` (DeepInversion, Yin et al., CVPR 2020, Eq. 4 of that paper):
+  ``Σ_l ||μ_l(x) - μ_l||₂ + ||σ²_l(x) - σ²_l||₂`` over each teacher's batch-norm layers, the batch
+  statistics of the generated images against the layer's running statistics; the teachers stay in
+  eval mode (the running statistics are read, never updated). We average over layers and over
+  teachers, so the weight does not depend on the depth or the number of teachers; a teacher with no
+  batch norm (LeNet-5) is skipped and listed.
+* :func:`augment` and :class:`ReplayPool` (as Fast-Datafree and CMI do): the student learns on the
+  fresh batch and on as many images replayed from a bounded pool of past batches, each randomly
+  shifted and flipped; the teachers' targets are computed on the augmented images.
+* :func:`disagreement` (the adversarial term of DFAD/CMI): the mean absolute difference of the
+  student's and the teachers' probabilities, which the generator *maximises* (weight ``adversarial``)
+  after a warm-up, so it seeks the images the student still gets wrong.
+* :class:`LabelCoverage` and :func:`diversity` measure what the generator makes (report
+  ``coverage``): per label, the share of generated images the teachers call present, and how far
+  apart two generated images are.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..selection import Task
 from ..training import task_probabilities
+from . import Param
 
 EPS = 1e-6  # 1 - EPS must stay below 1 in float32, or (1 - m) log(1 - m) is 0 · -inf
 
@@ -94,3 +122,229 @@ def discrete_loss(logits: torch.Tensor, tasks: Sequence[Task], on: str = "decisi
         raise ValueError(f"L_dis reads the outputs as 'decision', 'probabilities' or 'logits', not {on!r}")
     p = task_probabilities(logits, tasks)
     return -(2 * p - 1).abs().mean() if on == "decision" else -p.mean()
+
+
+def rate_balance_loss(logits: torch.Tensor, tasks: Sequence[Task], target_rate: float = 0.5) -> torch.Tensor:
+    """``balance = "rate"``: per multi-label output ``KL(Bern(r) || Bern(m_c))``, ``m_c`` the batch's mean
+    probability and ``r = target_rate``, so each label is present in a share r of the generated images;
+    a multi-class task keeps Eq. 6. Zero when every rate is on target."""
+    r = min(max(float(target_rate), EPS), 1 - EPS)
+    terms = []
+    for task, z in _columns(logits, tasks):
+        if task.kind == "multilabel":
+            m = torch.sigmoid(z).mean(0).clamp(EPS, 1 - EPS)
+            kl = r * (torch.log(torch.tensor(r)) - m.log()) + (1 - r) * (torch.log(torch.tensor(1 - r)) - (1 - m).log())
+            terms.append(kl.mean())
+        else:
+            terms.append(information_entropy_loss(z, [task]))
+    return torch.stack(terms).mean()
+
+
+BALANCE_FORMS = ("entropy", "rate")
+
+
+def balance_loss(logits: torch.Tensor, tasks: Sequence[Task], form: str = "entropy",
+                 target_rate: float = 0.5) -> torch.Tensor:
+    """The β term: the papers' information entropy (Eq. 6, ``"entropy"``) or the per-label rate (``"rate"``)."""
+    if form == "entropy":
+        return information_entropy_loss(logits, tasks)
+    if form == "rate":
+        return rate_balance_loss(logits, tasks, target_rate)
+    raise ValueError(f"the balance term is one of {', '.join(BALANCE_FORMS)}, not {form!r}")
+
+
+class BatchNormPrior:
+    """DeepInversion's feature-statistics prior on the teachers' batch-norm layers (see the module docstring).
+
+    Forward hooks read the input of every ``BatchNorm1d/2d`` of each teacher while :meth:`recording`;
+    :meth:`value` is the mean over teachers of the mean over their layers of
+    ``||μ(x) - running_mean||₂ + ||σ²(x) - running_var||₂`` (biased batch variance, as batch norm's own).
+    Teachers without batch norm are listed in ``skipped``.
+    """
+
+    def __init__(self, teachers: Sequence[tuple[str, nn.Module]]):
+        self.layers: dict[str, list[nn.Module]] = {}
+        self.skipped: list[str] = []
+        self.handles = []
+        self.distances: dict[str, list[torch.Tensor]] = {}
+        self.active = False
+        for name, model in teachers:
+            layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+                      and m.track_running_stats and m.running_mean is not None]
+            if not layers:
+                self.skipped.append(name)
+                continue
+            self.layers[name] = layers
+            for layer in layers:
+                self.handles.append(layer.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs, output) -> None:
+            if not self.active:
+                return
+            x = inputs[0].float()
+            dims = [0] + list(range(2, x.dim()))
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            self.distances.setdefault(name, []).append(
+                torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var))
+        return hook
+
+    @contextmanager
+    def recording(self):
+        """Record the statistics of the forward passes inside the block (earlier records are dropped)."""
+        self.distances, self.active = {}, True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def value(self) -> torch.Tensor:
+        """The prior of the last :meth:`recording` (0 when no teacher has batch norm)."""
+        per_teacher = [torch.stack(d).mean() for d in self.distances.values() if d]
+        return torch.stack(per_teacher).mean() if per_teacher else torch.zeros(())
+
+    def describe(self) -> dict:
+        return {"teachers": {name: len(layers) for name, layers in self.layers.items()},
+                "skipped": list(self.skipped),
+                "note": ("teachers without batch norm have no running statistics to match: "
+                         + ", ".join(self.skipped)) if self.skipped else ""}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def augment(x: torch.Tensor, draw: torch.Generator, shift: float = 0.125, flip: bool = True) -> torch.Tensor:
+    """Each image randomly shifted by up to ``shift`` of its size (reflected at the border) and, with
+    ``flip``, mirrored left-right with probability 1/2 — the random crop and flip of Fast-Datafree/CMI."""
+    n = x.shape[0]
+    theta = torch.zeros(n, 2, 3)
+    sign = torch.where(torch.rand(n, generator=draw) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
+    theta[:, 0, 0], theta[:, 1, 1] = sign, 1.0
+    theta[:, :, 2] = (torch.rand(n, 2, generator=draw) * 2 - 1) * 2 * shift  # grid units: the image is 2 wide
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class ReplayPool:
+    """A bounded pool of past generated images (oldest dropped first); :meth:`sample` draws from it."""
+
+    def __init__(self, capacity: int, device: torch.device | None = None):
+        self.capacity, self.device = int(capacity), device
+        self.images: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.images is None else len(self.images)
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        x = x.detach()
+        self.images = x if self.images is None else torch.cat([self.images, x])
+        self.images = self.images[-self.capacity:]
+
+    def sample(self, count: int, draw: torch.Generator) -> torch.Tensor | None:
+        if not len(self):
+            return None
+        idx = torch.randint(len(self), (count,), generator=draw)
+        return self.images[idx.to(self.images.device)]
+
+    def state_dict(self) -> dict:
+        return {"images": None if self.images is None else self.images.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        images = state.get("images")
+        self.images = None if images is None else images.to(self.device or images.device)
+
+
+def disagreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tasks: Sequence[Task]) -> torch.Tensor:
+    """Mean ``|p_student - p_teacher|`` over outputs and images: what the adversarial term maximises."""
+    return (task_probabilities(student_logits, tasks) - task_probabilities(teacher_logits, tasks)).abs().mean()
+
+
+def presence(logits: torch.Tensor, tasks: Sequence[Task]) -> torch.Tensor:
+    """Per output, 1 where the teachers call the label present: sigmoid above 0.5 (multi-label) or the
+    task's arg-max (multi-class)."""
+    cols = []
+    for task, z in _columns(logits, tasks):
+        if task.kind == "multilabel":
+            cols.append((z > 0).float())
+        else:
+            cols.append(F.one_hot(z.argmax(1), z.shape[1]).float())
+    return torch.cat(cols, 1)
+
+
+class LabelCoverage:
+    """How often the teachers call each label present on generated images, and their diversity."""
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = list(labels)
+        self.reset()
+
+    def reset(self) -> None:
+        self.present = torch.zeros(len(self.labels))
+        self.images, self.spread, self.batches = 0, 0.0, 0
+
+    def add(self, x: torch.Tensor, logits: torch.Tensor, tasks: Sequence[Task]) -> None:
+        self.present += presence(logits.detach(), tasks).sum(0).cpu()
+        self.images += len(x)
+        self.spread += diversity(x.detach())
+        self.batches += 1
+
+    def rates(self) -> dict[str, float]:
+        return {label: float(v) / max(1, self.images) for label, v in zip(self.labels, self.present)}
+
+    def summary(self, epoch: int) -> dict:
+        return {"epoch": epoch, "images": self.images, "rates": self.rates(),
+                "diversity": self.spread / max(1, self.batches)}
+
+
+def diversity(x: torch.Tensor) -> float:
+    """The RMS pixel distance between each generated image and the next one of the batch (√2 for
+    independent unit-variance noise, 0 for a batch of one image repeated)."""
+    if len(x) < 2:
+        return 0.0
+    return float(((x - x.roll(1, 0)).float() ** 2).mean().sqrt())
+
+
+PAPER_FORM = {"balance": "entropy", "bn_prior": 0.0, "augment": False, "replay": 0, "adversarial": 0.0}
+
+
+def effective_params(params: dict) -> dict:
+    """The parameters as the run uses them: with ``paper_faithful`` the ingredients beyond the paper off."""
+    return {**params, **PAPER_FORM} if params.get("paper_faithful") else dict(params)
+
+
+def student_batch(x: torch.Tensor, pool: ReplayPool, p: dict, draw: torch.Generator) -> tuple[torch.Tensor, bool]:
+    """The student's images: the fresh batch, as many replayed from the pool (``replay``), each
+    augmented (``augment``); the flag says whether they differ from the generated batch."""
+    changed = False
+    if p["replay"] > 0:
+        old = pool.sample(len(x), draw)
+        pool.add(x)
+        if old is not None:
+            x, changed = torch.cat([x, old]), True
+    if p["augment"]:
+        x, changed = augment(x, draw), True
+    return x, changed
+
+
+def datafree_params(warmup: int = 2, warmup_help: str = "epochs before the adversarial term starts"
+                    ) -> tuple[Param, ...]:
+    """The options of ``dafl`` and ``dual-gan`` beyond the papers (module docstring)."""
+    return (
+        Param("balance", "entropy", "the β term: 'entropy' (the papers' information entropy, Eq. 6) or 'rate' (each "
+              "multi-label output's batch rate pulled towards target_rate)", choices=BALANCE_FORMS),
+        Param("target_rate", 0.5, "balance = 'rate': the share of generated images in which each label should be "
+              "present", minimum=0.0, maximum=1.0),
+        Param("bn_prior", 0.0, "weight of the batch-norm statistics prior (DeepInversion) in the generator's loss; "
+              "0: off; teachers without batch norm are skipped", minimum=0.0),
+        Param("augment", False, "train the student on randomly shifted and mirrored generated images"),
+        Param("replay", 0, "generated images kept in a pool of past batches and replayed to the student, as many "
+              "as the fresh batch per step (0: no pool)", minimum=0),
+        Param("adversarial", 0.0, "weight of the adversarial term: the generator seeks images on which the "
+              "student disagrees with the teachers (0: off)", minimum=0.0),
+        Param("adversarial_warmup", warmup, warmup_help, minimum=0),
+        Param("paper_faithful", False, "true: the paper's method, every option above off"),
+    )

@@ -46,6 +46,16 @@ one the TargetNet uses. ``S_m = argmin_b η^{b,m}`` (Eq. 18, ties to the deeper 
 selected from one teacher branch out together. The TargetNet (Eq. 19-20) is regrouped as
 filtered-KA's (Eq. 10) and fine-tuned on generated images against the teachers (Algorithm 1 l. 23).
 
+Beyond the paper (options, all off with ``paper_faithful = true``; the ingredients in
+:mod:`kamal_engine.methods.datafree`): ``balance = "rate"`` (the per-label rate in place of Eq. 6 for
+multi-label outputs) and ``bn_prior`` (DeepInversion's batch-norm prior, on the teachers' pass over
+the image group) join L_gan in Step I; ``augment`` and ``replay`` give the student's image stream
+shifted/mirrored images and a pool of past ones in Steps II and III (the teachers' targets recomputed
+on them; the generator-feature stream is left as generated); ``adversarial`` makes the fine-tuning
+(Step III) alternate: after ``adversarial_warmup`` of its epochs, each step first updates G on
+L_gan minus the weighted student-teacher disagreement, then the TargetNet. The share of generated
+images each label is present in is reported after every generator epoch (report ``coverage``).
+
 The paper gives no step counts or generator optimiser; ours: Adam (β1 = 0.5) for G as in DAFL,
 ``iterations`` steps per epoch of generated batches. Checkpoints after every generator epoch, every
 block and the fine-tuning, so ``--resume`` continues with the same random draws. Seeds: G's initial
@@ -59,21 +69,30 @@ import torch
 from torch import nn
 
 from ..errors import KamalError
-from ..events import BlockConverged, BranchPlanChosen, SamplesGenerated, StageStarted
+from ..events import BlockConverged, BranchPlanChosen, LabelsCovered, SamplesGenerated, StageStarted
 from ..filters import build_filter
 from ..targetnet import TargetNet, choose_branch_points
 from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
 from .blockwise import pair_blocks, regroup, resume_blocks, save_block
 from .common import RunContext, Term, descend, describe_terms, loss_dict, sgd_params, total_loss
-from .datafree import activation_loss, discrete_loss, information_entropy_loss, one_hot_loss
+from .datafree import (BatchNormPrior, LabelCoverage, ReplayPool, activation_loss, balance_loss, datafree_params,
+                       disagreement, discrete_loss, effective_params, one_hot_loss, student_batch)
 from .generators import GeneratedImages, GroupStackGenerator, group_boundaries
 from .phases import Loss, train_block
 
 
 FINETUNE_PHASE, EVAL_PHASE, BLOCK_PHASE = 2000, 3000, 1000  # seeds: generator epoch e is phase e, block b 1000 + b
-GAN_TERMS = (Term("one-hot"), Term("activation", "alpha"), Term("entropy", "beta"), Term("discrete", "gamma"),
-             Term("groups"))  # Eq. 12: L_gan (Eq. 9) of the image group + the intermediate groups' agreement
+
+
+def gan_terms(p: dict) -> tuple[Term, ...]:
+    """Eq. 12: L_gan (Eq. 9, the balance term named by its form) of the image group, the intermediate
+    groups' agreement, then the batch-norm prior when it is on."""
+    terms = [Term("one-hot"), Term("activation", "alpha"), Term("entropy" if p["balance"] == "entropy" else "rate", "beta"),
+             Term("discrete", "gamma"), Term("groups")]
+    if p["bn_prior"] > 0:
+        terms.append(Term("batch-norm", "bn_prior"))
+    return tuple(terms)
 
 
 class DualGAN:
@@ -81,7 +100,7 @@ class DualGAN:
     the step functions of the three steps."""
 
     def __init__(self, ctx: RunContext):
-        p, selection = ctx.params, ctx.selection
+        p, selection = effective_params(ctx.params), ctx.selection
         self.ctx, self.p, self.selection, self.device = ctx, p, selection, ctx.device
         self.tasks, self.teachers = selection.tasks, selection.teachers
         self.paired = paired = pair_blocks(ctx, p["granularity"], p["reduction"])
@@ -109,6 +128,12 @@ class DualGAN:
                                             for n in self.active}).to(self.device)
         self.opt_g = torch.optim.Adam([*self.generator.parameters(), *self.group_filters.parameters()],
                                       lr=p["lr_generator"], betas=(0.5, 0.999))
+        self.terms = gan_terms(p)
+        self.prior = BatchNormPrior([(self.teachers[n].name, self.teachers[n].model) for n in self.active]
+                                    ) if p["bn_prior"] > 0 else None
+        self.pool = ReplayPool(p["replay"], self.device)
+        self.coverage = LabelCoverage(selection.labels)
+        self.covered: list[dict] = []  # one coverage summary per generator epoch
 
     def judge(self, n: int, boundary: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher n from ``boundary`` on: its selected logits and its features before the head."""
@@ -136,22 +161,37 @@ class DualGAN:
     def noise(self, draw: torch.Generator) -> torch.Tensor:
         return torch.randn(self.p["batch_size"], self.p["latent_dim"], generator=draw).to(self.device)
 
+    def gan_values(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The terms of Eq. 12 (and the batch-norm prior) on one generated batch; also ``"logits"``, the
+        teachers' selected logits on the image."""
+        p, tasks = self.p, self.tasks
+        if self.prior is not None:
+            with self.prior.recording():
+                logits, teacher_features = self.discriminate(self.last, features[-1])
+        else:
+            logits, teacher_features = self.discriminate(self.last, features[-1])
+        target = task_probabilities(logits.detach(), tasks)
+        groups = torch.zeros(())
+        if self.last > 0:
+            groups = torch.stack([task_losses(self.discriminate(j, features[j])[0], target, tasks).sum() / len(tasks)
+                                  for j in range(self.last)]).mean()
+        values = {"one-hot": one_hot_loss(logits, tasks), "activation": activation_loss(teacher_features),
+                  self.terms[2].name: balance_loss(logits, tasks, p["balance"], p["target_rate"]),
+                  "discrete": discrete_loss(logits, tasks, p["discrete_on"]), "groups": groups}
+        if self.prior is not None:
+            values["batch-norm"] = self.prior.value()
+        return {**values, "logits": logits}
+
     def generator_step(self, loop: StepLoop, draw: torch.Generator) -> dict[str, float]:
         """Step I (Eq. 12): one Adam step of G and its filters against the fixed teachers."""
-        p, tasks = self.p, self.tasks
+        p = self.p
         with autocast(self.device, self.ctx.precision):
             features = self.generator(self.noise(draw))
-            logits, teacher_features = self.discriminate(self.last, features[-1])
-            target = task_probabilities(logits.detach(), tasks)
-            groups = torch.zeros(())
-            if self.last > 0:
-                groups = torch.stack([task_losses(self.discriminate(j, features[j])[0], target, tasks).sum() / len(tasks)
-                                      for j in range(self.last)]).mean()
-            values = {"one-hot": one_hot_loss(logits, tasks), "activation": activation_loss(teacher_features),
-                      "entropy": information_entropy_loss(logits, tasks),
-                      "discrete": discrete_loss(logits, tasks, p["discrete_on"]), "groups": groups}
-            joint = total_loss(GAN_TERMS, values, p)
+            values = self.gan_values(features)
+            logits = values.pop("logits")
+            joint = total_loss(self.terms, values, p)
         descend(joint, self.opt_g)
+        self.coverage.add(features[-1], logits, self.tasks)
         if p["preview_every"] and (loop.state.step + 1) % p["preview_every"] == 0:
             self.ctx.emit(SamplesGenerated(loop.state.step + 1, self.view.preview(features[-1])))
         return {"loss": float(joint.detach()), "generator:joint": float(joint.detach()),
@@ -166,6 +206,7 @@ class DualGAN:
             self.generator.load_state_dict(saved["generator"])
             self.group_filters.load_state_dict(saved["group_filters"])
             self.opt_g.load_state_dict(saved["opt_generator"])
+            self.covered = list(saved.get("coverage", []))
         if done < p["generator_epochs"]:
             ctx.emit(StageStarted("generator", None, None, self.n_blocks, p["generator_epochs"],
                                   p["generator_epochs"] * p["iterations"]))
@@ -174,8 +215,15 @@ class DualGAN:
         for epoch in range(done + 1, p["generator_epochs"] + 1):
             draw = ctx.draw(epoch)
             means = loop.run_epoch(self.batches(), lambda idx: self.generator_step(loop, draw), "generator", None, epoch)
+            summary = self.coverage.summary(epoch)
+            self.covered.append(summary)
+            self.coverage.reset()
+            ctx.emit(LabelsCovered("generator", epoch, summary["rates"], summary["diversity"]))
             ctx.save(loop, generator_epochs_done=epoch, generator=self.generator.state_dict(),
-                     group_filters=self.group_filters.state_dict(), opt_generator=self.opt_g.state_dict())
+                     group_filters=self.group_filters.state_dict(), opt_generator=self.opt_g.state_dict(),
+                     coverage=self.covered)
+        if self.prior is not None and p["adversarial"] <= 0:  # the adversarial fine-tuning still needs it
+            self.prior.remove()
         # G stays in train mode (its batch norms use the batch's statistics, as while it was trained) but
         # gets no gradients
         self.generator.requires_grad_(False)
@@ -188,6 +236,15 @@ class DualGAN:
         with autocast(self.device, self.ctx.precision):
             features = self.generator(self.noise(draw))
             return features, task_probabilities(self.discriminate(self.last, features[-1])[0], self.tasks)
+
+    def student_images(self, image: torch.Tensor, target: torch.Tensor, draw: torch.Generator
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image stream's images with ``replay`` and ``augment``, and the teachers' targets on them."""
+        seen, changed = student_batch(image, self.pool, self.p, draw)
+        if not changed:
+            return image, target
+        with torch.no_grad(), autocast(self.device, self.ctx.precision):
+            return seen, task_probabilities(self.discriminate(self.last, seen)[0], self.tasks)
 
     def dual_logits(self, b: int, fb: dict[int, nn.Module], x: torch.Tensor) -> torch.Tensor:
         """``g_m(O_m(F^b_u))`` for every teacher, side by side: T^b, the filter f^b_m, teacher m after b."""
@@ -206,8 +263,9 @@ class DualGAN:
 
         def loss(idx: torch.Tensor):
             features, target = self.generate(draw)
+            image, image_target = self.student_images(features[-1], target, draw)
             with autocast(self.device, self.ctx.precision):
-                per_task = task_losses(self.dual_logits(b, fb, self.image_stream(b, features[-1])), target, tasks)
+                per_task = task_losses(self.dual_logits(b, fb, self.image_stream(b, image)), image_target, tasks)
                 total = p["lambda_image"] * per_task.sum() / len(tasks)
                 extra = {}
                 if b in self.second_stream and p["lambda_generator"] > 0:
@@ -241,14 +299,38 @@ class DualGAN:
         return fb, self.converged_losses(b, fb)
 
     def finetune_loss(self, net: TargetNet, draw: torch.Generator) -> Loss:
-        """The TargetNet against the teachers on generated images (Algorithm 1 line 23)."""
+        """The TargetNet against the teachers on generated images (Algorithm 1 line 23); with
+        ``adversarial``, after the warm-up each step first moves G towards images where they disagree."""
+        steps = iter(range(10**12))
+
         def loss(idx: torch.Tensor):
+            epoch = next(steps) // self.p["iterations"] + 1
+            logged = {}
+            if self.p["adversarial"] > 0 and epoch > self.p["adversarial_warmup"]:
+                logged = self.adversarial_step(net, draw)
             features, target = self.generate(draw)
+            image, image_target = self.student_images(features[-1], target, draw)
             with autocast(self.device, self.ctx.precision):
-                per_task = task_losses(net(features[-1]), target, self.tasks)
+                per_task = task_losses(net(image), image_target, self.tasks)
             total = per_task.sum() / len(self.tasks)
-            return total, loss_dict(total, per_task, self.selection)
+            return total, {**loss_dict(total, per_task, self.selection), **logged}
         return loss
+
+    def adversarial_step(self, net: TargetNet, draw: torch.Generator) -> dict[str, float]:
+        """One Adam step of G on L_gan (Eq. 9 and the prior) minus ``adversarial`` × the disagreement of
+        the TargetNet (in eval mode, not trained here) with the teachers on G's images."""
+        self.generator.requires_grad_(True)
+        net.eval()
+        with autocast(self.device, self.ctx.precision):
+            features = self.generator(self.noise(draw))
+            values = self.gan_values(features)
+            logits = values.pop("logits")
+            apart = disagreement(net(features[-1]), logits, self.tasks)
+            joint = total_loss(self.terms, values, self.p) - self.p["adversarial"] * apart
+        descend(joint, self.opt_g)
+        net.train()
+        self.generator.requires_grad_(False)
+        return {"generator:adversarial": float(apart.detach()), "generator:joint": float(joint.detach())}
 
     def branch_plan(self, converged: dict[str, list[float]], means: dict[str, float]) -> tuple[dict[str, int], dict]:
         """Eq. 18: each teacher's tasks branch out together at the block of least mean converged loss."""
@@ -267,7 +349,12 @@ class DualGAN:
             "converged_loss_by_teacher": {name: dict(zip(names, losses)) for name, losses in by_teacher.items()},
             "branch_points": {task: names[k - 1] for task, k in plan.items()},
             "generated_images": self.total * self.p["batch_size"],
-            "loss_terms": {"generator": describe_terms(GAN_TERMS, self.p, means, "generator:")},
+            "loss_terms": {"generator": describe_terms(self.terms, self.p, means, "generator:")},
+            "paper_faithful": bool(self.p["paper_faithful"]),
+            "ingredients": {k: self.p[k] for k in ("balance", "target_rate", "bn_prior", "augment", "replay",
+                                                    "adversarial", "adversarial_warmup")},
+            "coverage": {"generated": self.covered},
+            **({"batch_norm_prior": self.prior.describe()} if self.prior is not None else {}),
         }
 
 
@@ -277,13 +364,15 @@ def run(ctx: RunContext) -> MethodResult:
     loop = ctx.loop(gan.total)
     means = gan.train_generator(loop)
     blocks_done, converged, filters = resume_blocks(ctx, gan.paired)
+    if blocks_done and "pool" in ctx.saved():
+        gan.pool.load_state_dict(ctx.saved()["pool"])
     for b in range(blocks_done + 1, gan.n_blocks + 1):
         fb, values = gan.amalgamate_block(loop, b)
         for task, value in values.items():
             converged[task].append(value)
         ctx.emit(BlockConverged(b, gan.paired.names[b - 1], values))
         filters.update({(b, n): f for n, f in fb.items()})
-        save_block(ctx, loop, b, converged, filters)
+        save_block(ctx, loop, b, converged, filters, pool=gan.pool.state_dict())
     plan, report = gan.branch_plan(converged, means)
     net = regroup(ctx, loop, gan.paired, filters, plan, report, phase=FINETUNE_PHASE,
                   steps_per_epoch=ctx.params["iterations"], batches=gan.batches, loss=gan.finetune_loss)
@@ -325,6 +414,7 @@ METHOD = MethodInfo(
         Param("reduction", 4, "channel reduction r of the teacher-level filters (supplementary: 4)", minimum=1),
         Param("eval_batches", 8, "generated batches measuring each block's converged loss (Eq. 18)", minimum=1),
         Param("ap_by_block", True, "with a validation set: AP of every task branching at each block"),
+        *datafree_params(warmup=0, warmup_help="fine-tuning epochs before the adversarial term starts"),
         Param("preview_every", 100, "generator steps between generated-sample previews (0: none)", minimum=0),
     ),
     run=run,
