@@ -344,7 +344,7 @@ def write_recipes(root: Path, config: DemoConfig) -> list[Path]:
         return ", ".join(f'"{DIGIT_NAMES[d]}"' for d in labels)
 
     written = []
-    for method, mode, init in (("filtered-ka", "data", "teacher"), ("dual-gan", "data-free", "random")):
+    for method, mode, init in (("filtered-ka", "data", "teacher"), ("dual-gan", "data-free", "teacher")):
         path = root / "recipes" / f"{method}.toml"
         path.write_text(RECIPE_TEMPLATE.format(
             mode=mode, method=method, file=f"recipes/{path.name}", t0=t0, t1=t1, sel0=quoted(labels0),

@@ -818,14 +818,14 @@ def test_the_data_free_options_round_trip_through_the_method_form_and_the_recipe
         if page.methods.item(i).data(Qt.ItemDataRole.UserRole) == method:
             page.methods.setCurrentRow(i)
     widgets = {name: w for name, (_, w) in page._param_widgets.items()}
-    widgets["balance"].setCurrentText("rate")
+    widgets["balance"].setCurrentText("entropy")
     for name, text in (("target_rate", "0.3"), ("bn_prior", "2"), ("adversarial", "0.5"), ("target_rate", "1.5")):
         widgets[name].setText(text)
         widgets[name].editingFinished.emit()  # 1.5 is above target_rate's maximum: refused, 0.3 kept
     widgets["augment"].setChecked(True)
     widgets["replay"].setValue(256)
     widgets["paper_faithful"].setChecked(True)
-    expected = {"balance": "rate", "target_rate": 0.3, "bn_prior": 2.0, "adversarial": 0.5, "augment": True,
+    expected = {"balance": "entropy", "target_rate": 0.3, "bn_prior": 2.0, "adversarial": 0.5, "augment": True,
                 "replay": 256, "paper_faithful": True}
     assert {k: window.session.recipe.params[k] for k in expected} == expected
     assert widgets["target_rate"].text() == "0.3"

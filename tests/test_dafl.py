@@ -108,7 +108,7 @@ def test_dafl_run_without_data_reports_generator_losses_previews_and_a_student(q
     result = run_recipe(load_recipe(dafl_recipe(recipe_factory, root, tmp_path / "dafl")), emit=events.append)
     steps = [e for e in events if isinstance(e, StepLosses)]
     assert [e.step for e in steps] == list(range(1, 7))
-    assert {"generator:total", "generator:one-hot", "generator:activation", "generator:entropy",
+    assert {"generator:total", "generator:one-hot", "generator:activation", "generator:rate", "generator:batch-norm",
             "teacher:digits_0to4", "teacher:digits_5to9"} <= steps[-1].losses.keys()
     previews = [e for e in events if isinstance(e, SamplesGenerated)]
     assert [e.step for e in previews] == [2, 4, 6]

@@ -104,7 +104,7 @@ def test_dual_gan_run_trains_generator_then_blocks_branches_per_teacher_and_expo
     assert [e.step for e in steps] == list(range(1, 2 * 2 + 4 * 2 + 2 + 1))
     generator_steps = [e for e in steps if e.stage == "generator"]
     assert len(generator_steps) == 4
-    assert {"generator:joint", "generator:one-hot", "generator:activation", "generator:entropy",
+    assert {"generator:joint", "generator:one-hot", "generator:activation", "generator:rate", "generator:batch-norm",
             "generator:discrete", "generator:groups"} <= generator_steps[-1].losses.keys()
     # Eq. 16 with two groups on four blocks: the generator's own feature enters block 3 only
     stream = {e.block for e in steps if "dual:generator-stream" in e.losses}

@@ -14,7 +14,7 @@ def test_demo_recipes_load(quick_demo):
     teachers = [t.load() for t in recipe.teachers]
     assert teachers[1].task == "multilabel" and teachers[1].preprocessing.input_size == (56, 56)
     free = load_recipe(root / "recipes" / "dual-gan.toml")
-    assert free.mode == "data-free" and free.unlabeled is None and free.student_init == "random"
+    assert free.mode == "data-free" and free.unlabeled is None and free.student_init == "teacher"
 
 
 def test_written_recipe_reads_back_the_same(quick_demo, tmp_path):

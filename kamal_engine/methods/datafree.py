@@ -330,21 +330,28 @@ def student_batch(x: torch.Tensor, pool: ReplayPool, p: dict, draw: torch.Genera
     return x, changed
 
 
+DEFAULTS = {"balance": "rate", "target_rate": 0.5, "bn_prior": 1.0, "augment": False, "replay": 0,
+            "adversarial": 0.0}  # measured on the demo (README "Measured", data-free ablation)
+
+
 def datafree_params(warmup: int = 2, warmup_help: str = "epochs before the adversarial term starts"
                     ) -> tuple[Param, ...]:
-    """The options of ``dafl`` and ``dual-gan`` beyond the papers (module docstring)."""
+    """The options of ``dafl`` and ``dual-gan`` beyond the papers (module docstring); ``DEFAULTS`` are
+    on where the demo's ablation showed they help."""
+    d = DEFAULTS
     return (
-        Param("balance", "entropy", "the β term: 'entropy' (the papers' information entropy, Eq. 6) or 'rate' (each "
-              "multi-label output's batch rate pulled towards target_rate)", choices=BALANCE_FORMS),
-        Param("target_rate", 0.5, "balance = 'rate': the share of generated images in which each label should be "
-              "present", minimum=0.0, maximum=1.0),
-        Param("bn_prior", 0.0, "weight of the batch-norm statistics prior (DeepInversion) in the generator's loss; "
-              "0: off; teachers without batch norm are skipped", minimum=0.0),
-        Param("augment", False, "train the student on randomly shifted and mirrored generated images"),
-        Param("replay", 0, "generated images kept in a pool of past batches and replayed to the student, as many "
-              "as the fresh batch per step (0: no pool)", minimum=0),
-        Param("adversarial", 0.0, "weight of the adversarial term: the generator seeks images on which the "
-              "student disagrees with the teachers (0: off)", minimum=0.0),
+        Param("balance", d["balance"], "the β term: 'rate' (each multi-label output's share of present images "
+              "pulled towards target_rate) or 'entropy' (the papers' information entropy, Eq. 6)",
+              choices=BALANCE_FORMS),
+        Param("target_rate", d["target_rate"], "balance = 'rate': the share of generated images in which each "
+              "label should be present", minimum=0.0, maximum=1.0),
+        Param("bn_prior", d["bn_prior"], "weight of the batch-norm statistics prior (DeepInversion) in the "
+              "generator's loss (0: off); teachers without batch norm are skipped", minimum=0.0),
+        Param("augment", d["augment"], "train the student on randomly shifted and mirrored generated images"),
+        Param("replay", d["replay"], "generated images kept in a pool of past batches and replayed to the student, "
+              "as many as the fresh batch per step (0: no pool)", minimum=0),
+        Param("adversarial", d["adversarial"], "weight of the adversarial term: the generator seeks images on which "
+              "the student disagrees with the teachers (0: off)", minimum=0.0),
         Param("adversarial_warmup", warmup, warmup_help, minimum=0),
         Param("paper_faithful", False, "true: the paper's method, every option above off"),
     )

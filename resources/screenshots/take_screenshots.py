@@ -9,6 +9,10 @@ It builds the quick demo workspace in a temporary folder (seconds), runs a short
 cancels it after the first block, resumes it to the end (so the Train page shows a resumed run),
 then shows each page and saves what the window draws (``QWidget.grab``: the X server's rendering).
 Nothing outside the temporary folder and this folder is written.
+
+With ``--data-free`` it instead runs a short ``dual-gan`` run (every data-free option on) on the quick
+demo and saves the Train page while the generator trains — its losses, samples and the bar per label
+of how often the teachers call it present — at both sizes (``train-dual-gan-<size>.png``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,33 @@ def settle(app, seconds: float = 0.4) -> None:
         time.sleep(0.02)
 
 
+def data_free(app, window, work: Path) -> list[Path]:
+    """The Train page of a short dual-gan run, grabbed during Step I at both sizes."""
+    from kamal_app.main_window import PAGES, default_size
+
+    assert window.open_recipe(work / "demo" / "recipes" / "dual-gan.toml")
+    window.session.set_output_dir(work / "runs" / "screenshot-dual-gan")
+    window.session.params = {"generator_epochs": 40, "iterations": 5, "batch_size": 32, "generator_width": 16,
+                             "preview_every": 5, "epochs_per_block": 1, "finetune_epochs": 1, "eval_batches": 1,
+                             "balance": "rate", "bn_prior": 1.0, "augment": True, "replay": 256, "adversarial": 1.0}
+    window.session.device = "cpu"
+    window.session.notify()
+    page = window.train_page
+    window.start_button.click()
+    wait(app, lambda: page.monitor.coverage_epoch >= 6, 300)
+    written = []
+    for size in SIZES:
+        window.resize(default_size(window) if size is None else window.size().__class__(*size))
+        window.nav.setCurrentRow(PAGES.index("Train"))
+        settle(app, 1.0)
+        path = HERE / f"train-dual-gan-{window.width()}x{window.height()}.png"
+        window.grab().save(str(path))
+        written.append(path)
+    page.cancel_button.click()
+    wait(app, lambda: not page.is_running(), 60)
+    return written
+
+
 def main() -> int:
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
@@ -50,6 +81,12 @@ def main() -> int:
     build_demo(work / "demo", DemoConfig.quick(), log=lambda message: None)
     window = MainWindow(QSettings(str(work / "settings.ini"), QSettings.Format.IniFormat))
     window.show()
+    if "--data-free" in sys.argv[1:]:
+        for path in data_free(app, window, work):
+            print(path.relative_to(HERE.parent.parent))
+        window.setWindowModified(False)
+        window.close()
+        return 0
     assert window.open_recipe(work / "demo" / "recipes" / "filtered-ka.toml")
     window.session.set_output_dir(work / "runs" / "screenshot-run")
     window.session.params = {"epochs_per_block": 2, "finetune_epochs": 2, "batch_size": 32}
