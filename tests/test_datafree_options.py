@@ -74,6 +74,11 @@ def test_the_rate_balance_is_zero_on_target_and_grows_without_bound_as_a_label_d
     multiclass = torch.eye(3) * 20
     assert balance_loss(multiclass, labels(3, "multiclass"), "rate").item() == pytest.approx(
         information_entropy_loss(multiclass, labels(3, "multiclass")).item())
+    uniform = torch.eye(3) * 20  # each class once: KL(uniform || m) = 0
+    assert balance_loss(uniform, labels(3, "multiclass"), "rate-all").item() == pytest.approx(0.0, abs=1e-6)
+    rare = [balance_loss(torch.tensor([[z, 0, 0], [0, z, 0], [0, 0, -z]]), labels(3, "multiclass"), "rate-all").item()
+            for z in (1.0, 5.0, 20.0)]  # class 3 ever rarer
+    assert 0 < rare[0] < rare[1] < rare[2] and rare[2] > 2
     with pytest.raises(ValueError, match="entropy, rate"):
         balance_loss(multiclass, labels(3), "softmax")
 

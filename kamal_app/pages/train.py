@@ -247,6 +247,7 @@ class TrainPage(QWidget):
         self.coverage_plot.setYRange(0, 1, padding=0.02)
         self.coverage_plot.setMouseEnabled(x=False, y=False)
         self.coverage_bars = None
+        self.coverage_plot.getPlotItem().getViewBox().sigResized.connect(self._coverage_ticks)
         free.addWidget(self.coverage_plot, 1)
         grid.addWidget(self.free_box, 2, 0, 1, 2)
         self.free_box.setVisible(False)
@@ -387,15 +388,30 @@ class TrainPage(QWidget):
         if self.coverage_bars is None:
             self.coverage_bars = pg.BarGraphItem(x=x, height=heights, width=0.7, brush=pg.mkBrush(70, 130, 180))
             item.addItem(self.coverage_bars)
-            item.getAxis("bottom").setTicks([[(float(i), n) for i, n in zip(x, names)]])
             item.setXRange(0.4, len(names) + 0.6, padding=0)
         else:
             self.coverage_bars.setOpts(x=x, height=heights)
+        self._coverage_ticks()
         item.setTitle(f"Labels present, epoch {m.coverage_epoch}", color=self.palette().text().color().name())
         item.setYRange(0, 1, padding=0.02)
         self.coverage_plot.setToolTip("Share of the epoch's generated images each label is present in:\n"
                                       + "\n".join(f"{n}: {v:.0%}" for n, v in zip(names, heights))
                                       + f"\ndiversity {m.coverage_diversity:.2f}")
+
+    def _coverage_ticks(self) -> None:
+        """The label names under the bars: every k-th name on the axis's first level, k as small as lets
+        them fit side by side at the plot's present width (the rest on a second level, which the axis
+        draws only where there is room; every name and value is in the tooltip)."""
+        names = list(self.monitor.coverage)
+        if not names:
+            return
+        metrics = QFontMetricsF(self.coverage_plot.font())
+        widest = max(metrics.horizontalAdvance(n) for n in names) + metrics.averageCharWidth() * 2
+        width = max(1.0, self.coverage_plot.getPlotItem().getViewBox().width())
+        k = max(1, math.ceil(widest * len(names) / width))
+        ticks = [(float(i + 1), n) for i, n in enumerate(names)]
+        self.coverage_plot.getPlotItem().getAxis("bottom").setTicks(
+            [[t for i, t in enumerate(ticks) if i % k == 0], [t for i, t in enumerate(ticks) if i % k]])
 
     def _show_free_box(self) -> None:
         self.free_box.setVisible(True)

@@ -61,6 +61,7 @@ The ingredients beyond the papers, each an option of ``dafl`` and ``dual-gan`` (
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -124,10 +125,13 @@ def discrete_loss(logits: torch.Tensor, tasks: Sequence[Task], on: str = "decisi
     return -(2 * p - 1).abs().mean() if on == "decision" else -p.mean()
 
 
-def rate_balance_loss(logits: torch.Tensor, tasks: Sequence[Task], target_rate: float = 0.5) -> torch.Tensor:
+def rate_balance_loss(logits: torch.Tensor, tasks: Sequence[Task], target_rate: float = 0.5,
+                      multiclass: str = "entropy") -> torch.Tensor:
     """``balance = "rate"``: per multi-label output ``KL(Bern(r) || Bern(m_c))``, ``m_c`` the batch's mean
-    probability and ``r = target_rate``, so each label is present in a share r of the generated images;
-    a multi-class task keeps Eq. 6. Zero when every rate is on target."""
+    probability and ``r = target_rate``, so each label is present in a share r of the generated images.
+    A multi-class task keeps Eq. 6 (``multiclass = "entropy"``) or, with ``"rate"``, gets
+    ``KL(uniform || m)`` of its batch-mean softmax m (every class equally often; grows without bound
+    as a class vanishes). Zero when every rate is on target."""
     r = min(max(float(target_rate), EPS), 1 - EPS)
     terms = []
     for task, z in _columns(logits, tasks):
@@ -135,21 +139,25 @@ def rate_balance_loss(logits: torch.Tensor, tasks: Sequence[Task], target_rate: 
             m = torch.sigmoid(z).mean(0).clamp(EPS, 1 - EPS)
             kl = r * (torch.log(torch.tensor(r)) - m.log()) + (1 - r) * (torch.log(torch.tensor(1 - r)) - (1 - m).log())
             terms.append(kl.mean())
+        elif multiclass == "rate":
+            m = F.softmax(z, 1).mean(0).clamp_min(1e-12)
+            terms.append(-math.log(m.numel()) - m.log().mean())  # KL(uniform || m)
         else:
             terms.append(information_entropy_loss(z, [task]))
     return torch.stack(terms).mean()
 
 
-BALANCE_FORMS = ("entropy", "rate")
+BALANCE_FORMS = ("entropy", "rate", "rate-all")
 
 
 def balance_loss(logits: torch.Tensor, tasks: Sequence[Task], form: str = "entropy",
                  target_rate: float = 0.5) -> torch.Tensor:
-    """The β term: the papers' information entropy (Eq. 6, ``"entropy"``) or the per-label rate (``"rate"``)."""
+    """The β term: the papers' information entropy (Eq. 6, ``"entropy"``), the per-label rate with
+    Eq. 6 for multi-class tasks (``"rate"``), or the rate for both (``"rate-all"``)."""
     if form == "entropy":
         return information_entropy_loss(logits, tasks)
-    if form == "rate":
-        return rate_balance_loss(logits, tasks, target_rate)
+    if form in ("rate", "rate-all"):
+        return rate_balance_loss(logits, tasks, target_rate, "rate" if form == "rate-all" else "entropy")
     raise ValueError(f"the balance term is one of {', '.join(BALANCE_FORMS)}, not {form!r}")
 
 
@@ -185,8 +193,9 @@ class BatchNormPrior:
             x = inputs[0].float()
             dims = [0] + list(range(2, x.dim()))
             mean, var = x.mean(dims), x.var(dims, unbiased=False)
-            self.distances.setdefault(name, []).append(
-                torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var))
+            distance = (torch.linalg.vector_norm(mean - module.running_mean)
+                        + torch.linalg.vector_norm(var - module.running_var))
+            self.distances.setdefault(name, []).append(distance)
         return hook
 
     @contextmanager
