@@ -350,7 +350,8 @@ def datafree_params(warmup: int = 2, warmup_help: str = "epochs before the adver
     d = DEFAULTS
     return (
         Param("balance", d["balance"], "the β term: 'rate' (each multi-label output's share of present images "
-              "pulled towards target_rate) or 'entropy' (the papers' information entropy, Eq. 6)",
+              "pulled towards target_rate; Eq. 6 for multi-class tasks), 'rate-all' (multi-class tasks too: "
+              "every class equally often) or 'entropy' (the papers' information entropy, Eq. 6)",
               choices=BALANCE_FORMS),
         Param("target_rate", d["target_rate"], "balance = 'rate': the share of generated images in which each "
               "label should be present", minimum=0.0, maximum=1.0),
