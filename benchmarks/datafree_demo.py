@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kamal_engine import demo  # noqa: E402
 from kamal_engine.methods import get_method  # noqa: E402
+from kamal_engine.methods.datafree import PAPER_FORM  # noqa: E402
 from kamal_engine.recipe import load_recipe  # noqa: E402
 from kamal_engine.runner import run_recipe  # noqa: E402
 
@@ -83,7 +84,6 @@ ROWS = {
     "adversarial": ("  + adversarial term", "dual-gan", {"adversarial": "ADV"}),
     "dual-gan": ("dual-GAN, defaults", "dual-gan", {}),
 }
-INGREDIENTS = ("balance", "bn_prior", "augment", "replay", "adversarial")
 
 
 def row_params(name: str, args) -> tuple[str, str, dict]:
@@ -92,8 +92,7 @@ def row_params(name: str, args) -> tuple[str, str, dict]:
     values = {"BN": args.bn_prior, "POOL": args.replay, "ADV": args.adversarial}
     params = {k: values.get(v, v) if isinstance(v, str) else v for k, v in params.items()}
     if name in ("rate", "bn-prior", "augment", "replay", "adversarial"):  # one ingredient on the paper's form
-        off = {"balance": "entropy", "bn_prior": 0.0, "augment": False, "replay": 0, "adversarial": 0.0}
-        params = {**off, "paper_faithful": False, **params}
+        params = {**PAPER_FORM, "paper_faithful": False, **params}
     given = {"iterations": args.iterations, "batch_size": args.batch_size, "generator_width": args.generator_width,
              "generator_epochs": args.generator_epochs, "epochs_per_block": args.epochs_per_block,
              "finetune_epochs": args.finetune_epochs}

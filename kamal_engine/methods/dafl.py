@@ -50,8 +50,8 @@ from ..events import LabelsCovered, SamplesGenerated, StageStarted
 from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
 from .common import RunContext, Term, descend, describe_terms, loss_dict, total_loss, whole_student
-from .datafree import (PAPER_FORM, BatchNormPrior, LabelCoverage, ReplayPool, activation_loss, balance_loss,
-                       datafree_params, disagreement, effective_params, one_hot_loss, student_batch)
+from .datafree import (INGREDIENTS, BatchNormPrior, LabelCoverage, ReplayPool, activation_loss, balance_loss,
+                       datafree_params, disagreement, effective_params, one_hot_loss, recording, student_batch)
 from .generators import DCGANGenerator, GeneratedImages
 
 
@@ -127,10 +127,7 @@ class DAFL:
                 return x, self.teachers(x)[0], {}
         with autocast(self.device, self.ctx.precision):
             x = self.generator(z)
-            if self.prior is not None:
-                with self.prior.recording():
-                    logits, features = self.teachers(x)
-            else:
+            with recording(self.prior):
                 logits, features = self.teachers(x)
             values = {"one-hot": one_hot_loss(logits, self.tasks), "activation": activation_loss(features),
                       self.terms[2].name: balance_loss(logits, self.tasks, p["balance"], p["target_rate"])}
@@ -205,7 +202,7 @@ def run(ctx: RunContext) -> MethodResult:
     dafl.student.eval()
     report = {"epochs": epochs, "iterations": iterations, "source": p["source"],
               "generated_images": epochs * iterations * batch, "paper_faithful": bool(p["paper_faithful"]),
-              "ingredients": {k: p[k] for k in (*PAPER_FORM, "target_rate", "adversarial_warmup")},
+              "ingredients": {k: p[k] for k in INGREDIENTS},
               "coverage": {"generated": dafl.covered}}
     if dafl.use_generator:
         report["loss_terms"] = {"generator": describe_terms(dafl.terms, p, means, "generator:")}

@@ -62,7 +62,7 @@ The ingredients beyond the papers, each an option of ``dafl`` and ``dual-gan`` (
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 import torch
@@ -318,6 +318,14 @@ def diversity(x: torch.Tensor) -> float:
 
 
 PAPER_FORM = {"balance": "entropy", "bn_prior": 0.0, "augment": False, "replay": 0, "adversarial": 0.0}
+
+
+INGREDIENTS = (*PAPER_FORM, "target_rate", "adversarial_warmup")  # the options a report lists
+
+
+def recording(prior: "BatchNormPrior | None"):
+    """``prior.recording()``, or nothing to record when the prior is off."""
+    return nullcontext() if prior is None else prior.recording()
 
 
 def effective_params(params: dict) -> dict:

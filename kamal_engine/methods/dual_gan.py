@@ -79,8 +79,9 @@ from ..training import StepLoop, autocast, set_mode, task_losses, task_probabili
 from . import MethodInfo, MethodResult, Param
 from .blockwise import pair_blocks, regroup, resume_blocks, save_block
 from .common import RunContext, Term, descend, describe_terms, loss_dict, sgd_params, total_loss
-from .datafree import (BatchNormPrior, LabelCoverage, ReplayPool, activation_loss, balance_loss, datafree_params,
-                       disagreement, discrete_loss, effective_params, one_hot_loss, student_batch)
+from .datafree import (INGREDIENTS, BatchNormPrior, LabelCoverage, ReplayPool, activation_loss, balance_loss,
+                       datafree_params, disagreement, discrete_loss, effective_params, one_hot_loss, recording,
+                       student_batch)
 from .generators import GeneratedImages, GroupStackGenerator, group_boundaries
 from .phases import Loss, train_block
 
@@ -169,10 +170,7 @@ class DualGAN:
         """The terms of Eq. 12 (and the batch-norm prior) on one generated batch; also ``"logits"``, the
         teachers' selected logits on the image."""
         p, tasks = self.p, self.tasks
-        if self.prior is not None:
-            with self.prior.recording():
-                logits, teacher_features = self.discriminate(self.last, features[-1])
-        else:
+        with recording(self.prior):
             logits, teacher_features = self.discriminate(self.last, features[-1])
         target = task_probabilities(logits.detach(), tasks)
         groups = torch.zeros(())
@@ -355,8 +353,7 @@ class DualGAN:
             "generated_images": self.total * self.p["batch_size"],
             "loss_terms": {"generator": describe_terms(self.terms, self.p, means, "generator:")},
             "paper_faithful": bool(self.p["paper_faithful"]),
-            "ingredients": {k: self.p[k] for k in ("balance", "target_rate", "bn_prior", "augment", "replay",
-                                                    "adversarial", "adversarial_warmup")},
+            "ingredients": {k: self.p[k] for k in INGREDIENTS},
             "coverage": {"generated": self.covered},
             **({"batch_norm_prior": self.prior.describe()} if self.prior is not None else {}),
         }
