@@ -38,7 +38,7 @@ from kamal_engine.training import UnlabeledImages, task_losses, teacher_targets 
 TWO_LABELS = ("one", "eight")
 
 
-PAPER = {"filter": "se", "max_rounds_per_block": 1, "max_size": 0.0}  # the paper's form of filtered-ka
+PAPER = {"filter": "se", "max_rounds_per_block": 1, "max_params": 0.0}  # the paper's form of filtered-ka
 PARTS = ("filtered-ka", "kd", "paper", "two")
 
 

@@ -40,7 +40,7 @@ from kamal_engine import demo  # noqa: E402
 from kamal_engine.recipe import load_recipe  # noqa: E402
 from kamal_engine.runner import run_recipe  # noqa: E402
 
-PAPER = {"filter": "se", "max_rounds_per_block": 1, "feature_weight": 0.0, "augment": "none", "max_size": 0.0}
+PAPER = {"filter": "se", "max_rounds_per_block": 1, "feature_weight": 0.0, "augment": "none", "max_params": 0.0}
 VARIANTS: dict[str, tuple[str, dict]] = {
     "defaults": ("filtered-ka", {}),
     "paper": ("filtered-ka", PAPER),

@@ -107,6 +107,8 @@ class MainWindow(QMainWindow):
         self._build_menus()
         self.session.changed.connect(self._session_changed)
         self.train_page.run_finished.connect(self.show_result)
+        self.train_page.replan_requested.connect(self.replan)
+        self.results_page.replan_requested.connect(self.replan)
         self.train_page.run_stopped.connect(self._update_start)
         self.results_page.student_saved.connect(lambda path: self.statusBar().showMessage(f"Saved {path}", 5000))
         geometry = self.settings.value("window/geometry")
@@ -498,6 +500,31 @@ class MainWindow(QMainWindow):
         self.statusBar().clearMessage()  # not "Run finished" of the previous run
         self.train_page.start(recipe, resume=resume, data_free=get_method(recipe.method).mode == "data-free",
                               replace=replace)
+        self._update_start()
+
+    def replan(self, run_dir: Path, plan: dict) -> None:
+        """Fine-tune another branch plan of the finished run in ``run_dir`` from its trained blocks, in a new
+        run folder beside it (``kamal replan``; a folder already there is never reused: the next free name)."""
+        from kamal_engine.methods import get_method
+        from kamal_engine.replan import prepare_replan, replan_folder
+        from kamal_engine.runfolder import free_sibling
+
+        if self.train_page.is_running():
+            QMessageBox.information(self, "A run is going", "Wait for the current run to finish (or cancel it), "
+                                    "then fine-tune the plan.")
+            return
+        options = {"branch_at": dict(plan)}
+        target = replan_folder(run_dir, options)
+        if target.exists():
+            target = free_sibling(target)
+        try:
+            recipe = prepare_replan(run_dir, options, output=target)
+        except KamalError as exc:
+            show_error(self, "Cannot fine-tune this plan", exc)
+            return
+        self.nav.setCurrentRow(PAGES.index("Train"))
+        self.statusBar().showMessage(f"Fine-tuning another plan of {run_dir} into {target}", 10000)
+        self.train_page.start(recipe, resume=True, data_free=get_method(recipe.method).mode == "data-free")
         self._update_start()
 
     def ask_run_folder(self, info) -> str | None:

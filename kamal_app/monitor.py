@@ -7,6 +7,7 @@ the GUI thread drains it from its redraw timer (20 Hz) into a :class:`RunMonitor
   the mean loss of that teacher's selected tasks at each step; ``finetune · …`` after the blocks);
 * ``generator``: generator losses of data-free methods (step losses named ``generator:<term>``);
 * ``converged``: the converged loss of each task at each block, and ``plan``: the chosen branch points;
+  ``plans``: every branch plan measured (size, converged loss, mAP before fine-tuning), the front, the choice;
 * ``knowledge``: per block and teacher, how much of the teacher's knowledge the student reproduces
   (filtered-ka's diagnosis: share, filter kind, feature relatedness), and ``warnings``: plain sentences;
 * ``samples``: the latest grid of generated images (data-free methods), progress, ETA and stage text.
@@ -62,6 +63,7 @@ class RunMonitor:
         self.converged: dict[str, dict[str, float]] = {}
         self.block_names: dict[int, str] = {}
         self.plan: dict[str, str] = {}
+        self.plans = None  # the last BranchPlansMeasured: every plan's size and quality, the front, the choice
         self.knowledge: dict[str, dict[str, dict]] = {}  # block name -> teacher -> diagnosis
         self.warnings: list[str] = []
         self.samples = None
@@ -127,6 +129,9 @@ class RunMonitor:
         elif isinstance(event, ev.RunWarning):
             self.warnings.append(event.message)
             self.dirty.add("knowledge")
+        elif isinstance(event, ev.BranchPlansMeasured):
+            self.plans = event
+            self.dirty.add("plans")
         elif isinstance(event, ev.BranchPlanChosen):
             self.plan = dict(event.plan)
             self.dirty.add("converged")

@@ -353,7 +353,6 @@ class ProgressPrinter:
 
 
 def cmd_run(args) -> int:
-    from .events import CancelToken, RunCancelled
     from .recipe import follow_output_dir, load_recipe
     from .runner import run_recipe
 
@@ -362,6 +361,17 @@ def cmd_run(args) -> int:
         output = Path(args.output).resolve()
         recipe.onnx = follow_output_dir(recipe.onnx, recipe.output_dir, output)
         recipe.output_dir = output
+    result = _interruptible(args, lambda emit, cancel: run_recipe(
+        recipe, resume=args.resume, restart=args.restart, replace=args.replace, emit=emit, cancel=cancel,
+        command=args.command_line))
+    return 130 if result is None else print_run_summary(result, args)
+
+
+def _interruptible(args, work):
+    """``work(emit, cancel)`` with progress printed (none with --json) and Ctrl-C stopping after the current
+    step (a second Ctrl-C at once); None when interrupted."""
+    from .events import CancelToken, RunCancelled
+
     cancel = CancelToken()
     printer = None if args.json else ProgressPrinter()
 
@@ -373,13 +383,34 @@ def cmd_run(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        result = run_recipe(recipe, resume=args.resume, restart=args.restart, replace=args.replace,
-                            emit=printer or (lambda event: None), cancel=cancel, command=args.command_line)
+        return work(printer or (lambda event: None), cancel)
     except (RunCancelled, KeyboardInterrupt):
         print("kamal: interrupted; the finished blocks are kept: continue with kamal run --resume", file=sys.stderr)
-        return 130
+        return None
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def cmd_replan(args) -> int:
+    from .replan import parse_branch_at_args, replan
+
+    options = {}
+    if args.max_params is not None:
+        options["max_params"] = args.max_params
+    if args.branch_tolerance is not None:
+        options["branch_tolerance"] = args.branch_tolerance
+    branch_at = parse_branch_at_args(args.branch_at)
+    if branch_at:
+        options["branch_at"] = branch_at
+    result = _interruptible(args, lambda emit, cancel: replan(args.run, options, output=args.output,
+                                                              replace=args.replace, emit=emit, cancel=cancel,
+                                                              command=args.command_line))
+    return 130 if result is None else print_run_summary(result, args)
+
+
+def print_run_summary(result, args) -> int:
+    """What ``kamal run`` and ``kamal replan`` print at the end: outputs, branch points, the AP table, the
+    ONNX check and the student's size; the exit status (1 when the ONNX export failed)."""
     report = result.report
     if args.json:
         _print_json({"output_dir": str(result.output_dir), **report})
@@ -410,8 +441,10 @@ def cmd_run(args) -> int:
         print(f"ONNX: {onnx['path']} (max |ONNX Runtime - PyTorch| {max(onnx['max_abs_diff'].values()):.2e})")
     size = report["size"]
     teachers_params = round(size["student"]["parameters"] / size["student_vs_teachers_parameters"])
+    flops = size.get("student_vs_teachers_flops")
     print(f"Student: {size['student']['parameters']:,} parameters ({size['student_vs_teachers_parameters']:.2f} x the "
-          f"teachers' {teachers_params:,}), {_si(size['student']['flops'])}FLOPs per image")
+          f"teachers' {teachers_params:,}), {_si(size['student']['flops'])}FLOPs per image"
+          + (f" ({flops:.2f} x the teachers')" if flops is not None else ""))
     return 1 if onnx and onnx.get("error") else 0
 
 
@@ -507,6 +540,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR", help="output folder (overrides [run].output_dir)")
     p.add_argument("--json", action="store_true", help="print the report as JSON at the end (no progress output)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replan", help="build and fine-tune another branch plan from a finished run's trained blocks",
+                       description="Choose another branch plan for the finished filtered-ka or dual-gan run in RUN "
+                       "(its output folder) and build, fine-tune, evaluate and export that TargetNet in a new run "
+                       "folder, from the blocks RUN trained (the block-wise stage is not run again; RUN is only "
+                       "read). The plan options given replace the run's; those not given take their defaults. The "
+                       "new folder is RUN-<options> beside RUN (e.g. runs/filtered-ka-p0.6) unless --output names "
+                       "one. Equal, on the CPU, to a fresh run of the recipe with these options.")
+    p.add_argument("run", metavar="RUN", help="the output folder of a finished run")
+    p.add_argument("--max-params", type=float, metavar="X", help="parameter budget: up to 100 a multiple of the "
+                   "teachers' summed parameters (0.6: 60 %%), above 100 a count; the plan of least total converged "
+                   "loss within it (0: none)")
+    p.add_argument("--branch-tolerance", type=float, metavar="EPS", help="each label branches at the deepest block "
+                   "whose converged loss is within (1 + EPS) x its minimum (0: Eq. 9)")
+    p.add_argument("--branch-at", nargs="+", metavar="LABEL=BLOCK", help="fix labels' branch blocks, e.g. "
+                   "--branch-at one=b3 eight=b4 (the others follow the other options)")
+    p.add_argument("--output", metavar="DIR", help="the new run folder (default: RUN-<options> beside RUN)")
+    p.add_argument("--replace", action="store_true", help="the new folder holds an earlier replan: move it to "
+                   "FOLDER.previous-TIMESTAMP (nothing is deleted) and start over")
+    p.add_argument("--json", action="store_true", help="print the report as JSON at the end (no progress output)")
+    p.set_defaults(func=cmd_replan)
     return parser
 
 

@@ -149,6 +149,20 @@ class LabelsCovered:
 
 
 @dataclass
+class BranchPlansMeasured:
+    """The plans of Step III: each one's plan (task -> block name), exact ``parameters``, their ``fraction``
+    of ``teachers_parameters``, total converged ``loss`` and, where measured, ``mean_ap`` before fine-tuning;
+    ``front`` and ``chosen`` index ``plans``; ``budget``: max_params as a count (None: none)."""
+    blocks: list[str]
+    teachers_parameters: int
+    plans: list[dict[str, Any]]
+    front: list[int]
+    chosen: int
+    budget: int | None = None
+    rule: str = "eq9"
+
+
+@dataclass
 class BranchPlanChosen:
     plan: dict[str, str]  # task -> block name
 
@@ -226,6 +240,11 @@ def describe(event: Event) -> str | None:
     if isinstance(event, LabelsCovered):
         return (f"  epoch {event.epoch}, labels present in the generated images: "
                 + ", ".join(f"{k} {v:.0%}" for k, v in event.rates.items()) + f"; diversity {event.diversity:.2f}")
+    if isinstance(event, BranchPlansMeasured):
+        chosen = event.plans[event.chosen]
+        return (f"Branch plans: {len(event.plans)} measured, {len(event.front)} on the size/loss front; chosen by "
+                f"{event.rule}: {chosen['parameters']:,} parameters ({chosen['fraction']:.2f} x the teachers'), "
+                f"converged loss {chosen['loss']:.4f}")
     if isinstance(event, BranchPlanChosen):
         return "Branch points: " + ", ".join(f"{k} → {v}" for k, v in event.plan.items())
     if isinstance(event, Evaluated):

@@ -407,9 +407,14 @@ class RecipeRun:
                               "damaged_files": [{"path": str(p), "error": why} for p, why in images.damaged[:100]]}
         sizes = {t.name: {"parameters": count_parameters(t.model),
                           "flops": count_flops(t.model, t.preprocessing.input_size)} for t in teachers}
-        covered = sum(sizes[t.name]["parameters"] for n, t in enumerate(teachers) if selection.covered_by(n))
+        used = [t.name for n, t in enumerate(teachers) if selection.covered_by(n)]
+        covered = sum(sizes[name]["parameters"] for name in used)
         own = {"parameters": count_parameters(student.net), "flops": count_flops(student.net, inputs.preprocessing.input_size)}
-        report["size"] = {"student": own, "teachers": sizes, "student_vs_teachers_parameters": own["parameters"] / covered}
+        report["size"] = {"student": own, "teachers": sizes, "student_vs_teachers_parameters": own["parameters"] / covered,
+                          "student_vs_teachers_flops": own["flops"] / max(1, sum(sizes[name]["flops"] for name in used))}
+        origin = (self.checkpointer.load() or {}).get("replanned_from") if self.resume else None
+        if origin:  # kamal replan: the blocks were trained by that run
+            report["replanned_from"] = origin
         return report
 
     def validate(self, inputs: RunInputs, student: Student) -> dict[str, Any]:

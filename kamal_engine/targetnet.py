@@ -14,7 +14,6 @@ specs) and the TargetNet's state dict, so no teacher file is needed to use the s
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -49,85 +48,6 @@ def choose_branch_points(converged: dict[str, Sequence[float]]) -> dict[str, int
         best = min(loss for loss, _ in finite)
         plan[task] = max(k for loss, k in finite if loss == best)
     return plan
-
-
-@dataclass
-class BranchSizes:
-    """Parameter counts of the parts Eq. 10 assembles, so a plan's size is known without building it.
-
-    ``trunk[k-1]``: student block k; ``tail[n][k-1]``: teacher n after block k (its remaining blocks
-    and its head); ``filters[(k, n)]``: the filter joining student block k to teacher n.
-    """
-
-    trunk: Sequence[int]
-    tail: Sequence[Sequence[int]]
-    filters: dict[tuple[int, int], int]
-
-    def size(self, plan: dict[str, int], teacher_of: dict[str, int]) -> int:
-        """Parameters of the TargetNet of ``plan`` (task → block); tasks of one teacher at one block share
-        a branch, trunk blocks after the deepest branch point are dropped."""
-        groups = {(teacher_of[task], k) for task, k in plan.items()}
-        depth = max(k for _, k in groups)
-        return sum(self.trunk[:depth]) + sum(self.tail[n][k - 1] + self.filters[(k, n)] for n, k in groups)
-
-
-def fit_branch_plan(plan: dict[str, int], converged: dict[str, Sequence[float]], teacher_of: dict[str, int],
-                    sizes: BranchSizes, budget: int | None) -> tuple[dict[str, int], str]:
-    """Eq. 9's ``plan`` if its TargetNet has at most ``budget`` parameters, else the best plan that does.
-
-    Returns the plan and how it was found (``"eq9"``, ``"merged"`` or ``"over-budget"``). Over budget,
-    every teacher's tasks share one branch point (a teacher's labels branching at two blocks copy its
-    tail twice, the usual reason Eq. 10 grows): among the plans that give each teacher one block and
-    fit, the one of least summed converged loss (ties: the smaller net). With many teachers and blocks
-    the search is greedy: from each teacher's joint Eq. 9 block, it makes the move (one teacher to a
-    deeper block, or every teacher to at least a deeper block) that saves parameters at the least loss
-    per parameter, until a move fits; then the fitting move of least loss. When no plan fits (the
-    student alone is bigger than the budget), every task branches at the last block.
-    """
-    if budget is None or sizes.size(plan, teacher_of) <= budget:
-        return dict(plan), "eq9"
-    tasks_of: dict[int, list[str]] = {}
-    for task in plan:
-        tasks_of.setdefault(teacher_of[task], []).append(task)
-    teachers = sorted(tasks_of)
-    n_blocks = len(sizes.trunk)
-
-    def loss(n: int, k: int) -> float:
-        values = [converged[t][k - 1] for t in tasks_of[n]]
-        return sum(v if v is not None and math.isfinite(v) else math.inf for v in values)
-
-    def as_plan(blocks: dict[int, int]) -> dict[str, int]:
-        return {task: blocks[teacher_of[task]] for task in plan}
-
-    if n_blocks ** len(teachers) <= 4096:
-        best = None
-        for combo in itertools.product(range(1, n_blocks + 1), repeat=len(teachers)):
-            blocks = dict(zip(teachers, combo))
-            candidate = as_plan(blocks)
-            size = sizes.size(candidate, teacher_of)
-            key = (size > budget, sum(loss(n, k) for n, k in blocks.items()) if size <= budget else size, size)
-            if best is None or key < best[0]:
-                best = (key, candidate)
-        return best[1], ("merged" if not best[0][0] else "over-budget")
-    blocks = {n: min(range(1, n_blocks + 1), key=lambda k: (loss(n, k), -k)) for n in teachers}
-
-    def total(b: dict[int, int]) -> float:
-        return sum(loss(n, k) for n, k in b.items())
-
-    while sizes.size(as_plan(blocks), teacher_of) > budget:
-        now, base = sizes.size(as_plan(blocks), teacher_of), total(blocks)
-        moves = [{**blocks, n: j} for n in teachers for j in range(blocks[n] + 1, n_blocks + 1)]
-        moves += [{n: max(k, j) for n, k in blocks.items()} for j in range(2, n_blocks + 1)]  # a deeper floor
-        fitting = [m for m in moves if sizes.size(as_plan(m), teacher_of) <= budget]
-        if fitting:
-            blocks = min(fitting, key=lambda m: (total(m), sizes.size(as_plan(m), teacher_of)))
-            break
-        saving = [(m, now - sizes.size(as_plan(m), teacher_of)) for m in moves]
-        saving = [(max(total(m) - base, 0.0) / saved, i) for i, (m, saved) in enumerate(saving) if saved > 0]
-        if not saving:
-            return as_plan({n: n_blocks for n in teachers}), "over-budget"
-        blocks = moves[min(saving)[1]]
-    return as_plan(blocks), "merged"
 
 
 @dataclass

@@ -285,10 +285,19 @@ def test_the_whole_demo_flow_start_plot_results_export_test(window, quick_demo, 
     assert "Branch points:" in page.log.toPlainText() and window.log_dock.widget() is page.log
     assert page.monitor.plan and set(page.monitor.converged) == set(page.monitor.plan)
     assert page.heartbeat.ticks > 10
-    # results: the table is filled, one row per label plus mAP
+    # the branch plans: every plan a point on the Train page's size/quality tab, the chosen one starred
+    chart = page.plan_chart
+    assert page.branch_tabs.currentWidget() is chart and chart.rows and chart.chosen is not None
+    assert len(chart.points.data) == len(chart.rows) and len(chart.star.data) == 1
+    assert chart.points.getData()[0].dtype.name == "float64"
+    assert chart.quality.currentData() == "mean_ap"  # with a validation set: the mAP before fine-tuning
+    # results: the table is filled, one row per label plus mAP, parameters and FLOPs
     results = window.results_page
     labels = results.student.labels
-    assert results.table.rowCount() == len(labels) + 1
+    assert results.table.rowCount() == len(labels) + 3
+    assert results.table.item(len(labels) + 1, 0).text() == "Parameters"
+    assert results.table.item(len(labels) + 2, 4).text().endswith("×")
+    assert results.plan_chart.isVisibleTo(results) and results.plan_chart.rows == chart.rows
     assert all(results.table.item(r, 3).text() for r in range(len(labels) + 1))  # student AP
     assert all(results.table.item(r, 2).text() for r in range(len(labels) + 1))  # teacher AP
     assert "parameters" in results.sizes.text() and results.diagram.layout_info["trunk"]
@@ -326,7 +335,7 @@ def test_results_of_a_finished_run_can_be_opened(window, quick_student, qtbot):
     out, result = quick_student
     assert window.open_run(out)
     assert window.pages.currentWidget() is window.results_page
-    assert window.results_page.table.rowCount() == len(result.student.labels) + 1
+    assert window.results_page.table.rowCount() == len(result.student.labels) + 3
     assert window.export_page.student_path == out / "student.kamal.pt"
     closer = ModalCloser()
     assert not window.open_run(out.parent)  # not a run folder: an error naming it
@@ -832,3 +841,50 @@ def test_the_data_free_options_round_trip_through_the_method_form_and_the_recipe
     path = tmp_path / "free.toml"
     assert window.write_recipe(path)
     assert {k: load_recipe(path).params[k] for k in expected} == expected
+
+
+def test_a_plan_clicked_on_the_results_chart_is_fine_tuned_into_a_folder_of_its_own(window, quick_student, qtbot):
+    import json
+
+    out, result = quick_student
+    before = (out / "report.json").read_text()
+    assert window.open_run(out)
+    chart = window.results_page.plan_chart
+    assert chart.isVisibleTo(window.results_page) and not chart.button.isEnabled()  # nothing picked yet
+    chart.select(chart.chosen)
+    assert "the chosen plan" in chart.info.text() and not chart.button.isEnabled()
+    other = next(i for i, row in enumerate(chart.rows) if i != chart.chosen and i in chart.front) \
+        if len(chart.front) > 1 else next(i for i in range(len(chart.rows)) if i != chart.chosen)
+    chart.select(other)
+    assert f"{chart.rows[other]['parameters']:,}" in chart.info.text() and chart.button.isEnabled()
+    page = window.train_page
+    with qtbot.waitSignal(page.run_finished, timeout=120000) as blocker:
+        chart.button.click()
+        assert window.pages.currentWidget() is page and page.is_running()
+    qtbot.waitUntil(lambda: not page.is_running())
+    new = blocker.args[0].output_dir
+    assert new.parent == out.parent and new.name.startswith(out.name + "-at-")
+    report = json.loads((new / "report.json").read_text())
+    assert report["branch_points"] == chart.rows[other]["plan"] and report["replanned_from"] == str(out)
+    assert report["size"]["student"]["parameters"] == chart.rows[other]["parameters"]
+    assert (out / "report.json").read_text() == before  # the run it came from is only read
+    assert window.results_page.output_dir == new
+
+
+def test_the_plan_chart_front_and_the_mapping_editor():
+    from kamal_app.pages.data_method import MappingEdit
+    from kamal_app.plan_chart import front_of
+
+    xs, ys = [0.5, 0.6, 0.7, 0.9, 1.0], [0.30, 0.35, 0.20, 0.20, 0.10]
+    assert front_of(xs, ys, higher_better=False) == [0, 2, 4]
+    assert front_of(xs, [90.0, 95.0, None, 94.0, 99.0], higher_better=True) == [0, 1, 4]
+    edit = MappingEdit({"one": "b3"})
+    assert edit.text() == "one=b3"
+    changed = []
+    edit.valueChanged.connect(changed.append)
+    edit.setText("one=b2, eight=b4")
+    edit.editingFinished.emit()
+    assert edit.value() == {"one": "b2", "eight": "b4"} and changed == [{"one": "b2", "eight": "b4"}]
+    edit.setText("one")  # malformed: the last good value comes back
+    edit.editingFinished.emit()
+    assert edit.text() == "one=b2, eight=b4" and len(changed) == 1

@@ -55,7 +55,7 @@ KEYS = {  # every key a section knows, so that mutations hit real keys most of t
     "student": ["arch", "arch_kwargs", "init", "teacher", "checkpoint"],
     "data": ["mode", "unlabeled", "validation", "image_size", "max_damaged"],
     "method": ["id", "epochs_per_block", "finetune_epochs", "batch_size", "lr", "momentum", "weight_decay",
-               "granularity", "filter", "generator_steps", "nz", "max_size", "epochs"],
+               "granularity", "filter", "generator_steps", "nz", "max_params", "branch_at", "epochs"],
     "export": ["onnx", "opset", "fp16"],
 }
 _counter = itertools.count()

@@ -1,7 +1,5 @@
 """Relatedness of block features (linear CKA, channel alignment), the knowledge share, the automatic
-filter choice and the size cap of the branch plan (filtered-ka on teachers trained apart)."""
-
-import math
+filter choice (filtered-ka on teachers trained apart); the branch plan's size rules are in test_branchplan.py."""
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ from kamal_engine.methods.filtered_ka import choose_filter, new_filter
 from kamal_engine.relatedness import (channel_alignment, feature_cka, knowledge_share, least_squares_map, linear_cka,
                                       reference_losses)
 from kamal_engine.selection import Task
-from kamal_engine.targetnet import BranchSizes, choose_branch_points, fit_branch_plan
 
 AUTO = {"filter": "auto", "aligned_threshold": 0.2, "reduction": 4, "adapter_init": "least-squares"}
 
@@ -126,48 +123,3 @@ def test_knowledge_share_and_its_reference_losses():
     assert knowledge_share(f, f, q) == 1.0 and knowledge_share(q, f, q) == 0.0
     assert knowledge_share((f + q) / 2, f, q) == pytest.approx(0.5)
     assert knowledge_share(2 * q, f, q) == 0.0 and knowledge_share(0.3, 0.3, 0.3) == 1.0
-
-
-def sizes_example():
-    """Two teachers of 100 parameters each in four blocks of 10, 20, 30, 40 (no head); the student trunk is
-    the same; filters cost 1."""
-    blocks = [10, 20, 30, 40]
-    tail = [sum(blocks[k:]) for k in range(1, 5)]
-    return BranchSizes(blocks, [tail, tail], {(k, n): 1 for k in range(1, 5) for n in range(2)})
-
-
-def test_the_size_cap_holds_on_a_plan_that_eq10_alone_makes_bigger():
-    sizes = sizes_example()
-    teacher_of = {"a1": 0, "a2": 0, "b1": 1}
-    # teacher 0's two labels branch at b1 and b2: its tail is copied twice
-    converged = {"a1": [0.10, 0.20, 0.30, 0.40], "a2": [0.30, 0.10, 0.35, 0.50], "b1": [0.20, 0.25, 0.30, 0.35]}
-    eq9 = choose_branch_points(converged)
-    assert eq9 == {"a1": 1, "a2": 2, "b1": 1}
-    big = sizes.size(eq9, teacher_of)
-    assert big == 30 + (90 + 1) + (70 + 1) + (90 + 1) and big > 200  # 1.42x the teachers' 200
-    plan, how = fit_branch_plan(eq9, converged, teacher_of, sizes, budget=200)
-    assert how == "merged" and sizes.size(plan, teacher_of) <= 200
-    assert plan["a1"] == plan["a2"]  # one teacher, one branch point
-    assert plan == {"a1": 2, "a2": 2, "b1": 1}  # least summed loss among the plans that fit (0.30 + 0.20)
-    # a plan within the budget is Eq. 9's own
-    assert fit_branch_plan(eq9, converged, teacher_of, sizes, budget=big) == (eq9, "eq9")
-    assert fit_branch_plan(eq9, converged, teacher_of, sizes, budget=None) == (eq9, "eq9")
-    # a tighter budget moves branch points deeper, and when nothing fits the smallest plan is returned
-    plan, how = fit_branch_plan(eq9, converged, teacher_of, sizes, budget=150)
-    assert how == "merged" and sizes.size(plan, teacher_of) <= 150
-    plan, how = fit_branch_plan(eq9, converged, teacher_of, sizes, budget=10)
-    assert how == "over-budget" and plan == {"a1": 4, "a2": 4, "b1": 4}
-
-
-def test_the_greedy_size_cap_for_many_teachers_and_blocks():
-    n_teachers, n_blocks = 6, 5  # 5**6 > 4096 plans: the greedy search
-    blocks = [10] * n_blocks
-    tail = [10 * (n_blocks - k) for k in range(1, n_blocks + 1)]
-    sizes = BranchSizes(blocks, [tail] * n_teachers, {(k, n): 0 for k in range(1, n_blocks + 1) for n in range(n_teachers)})
-    teacher_of = {f"t{n}": n for n in range(n_teachers)}
-    converged = {f"t{n}": [0.1 * (k + n % 2) for k in range(n_blocks)] for n in range(n_teachers)}
-    eq9 = choose_branch_points(converged)
-    total = n_teachers * sum(blocks)
-    plan, how = fit_branch_plan(eq9, converged, teacher_of, sizes, budget=total // 2)
-    assert how == "merged" and sizes.size(plan, teacher_of) <= total // 2
-    assert all(math.isfinite(converged[t][k - 1]) for t, k in plan.items())

@@ -48,8 +48,17 @@ def test_filtered_ka_run_writes_every_output(quick_demo, recipe_factory, tmp_pat
     assert plan["parameters"] <= plan["budget_parameters"] or plan["rule"] == "over-budget"
     if plan["rule"] == "eq9":
         assert report["branch_points"] == plan["eq9"] and plan["eq9_parameters"] == plan["parameters"]
-    else:  # the cap moved branch points because Eq. 9's own plan was over the budget
-        assert plan["eq9_parameters"] > plan["budget_parameters"]
+    else:  # the budget moved branch points because Eq. 9's own plan was over it
+        assert plan["rule"] in ("budget", "over-budget") and plan["eq9_parameters"] > plan["budget_parameters"]
+    chosen = plan["chosen"]
+    assert chosen["plan"] == report["branch_points"] and chosen["parameters"] == plan["parameters"]
+    front = [plan["plans"][i] for i in plan["front"]]  # smallest first, each better than the smaller ones
+    assert all(a["parameters"] < b["parameters"] and a["loss"] > b["loss"] for a, b in zip(front, front[1:]))
+    # before fine-tuning a plan's mAP is the mean of its tasks' AP at their blocks (the paper's Fig. 3)
+    everywhere = {name: row["ap"] for name, row in report["ap_by_block"].items()}
+    for row in plan["plans"]:
+        aps = [everywhere[block][label] for label, block in row["plan"].items()]
+        assert row["mean_ap"] == pytest.approx(sum(aps) / len(aps), abs=1e-5)
     assert set(report["ap_by_block"]) == {"b1", "b2", "b3", "b4"}
     assert set(report["validation"]["student"]["ap"]) == set(report["labels"])
     assert report["validation"]["teachers"]["digits_0to4"]["ap"].keys() == {"zero", "one", "two", "three", "four"}

@@ -32,6 +32,8 @@ def param_widget(param: Param, value) -> QWidget:
     elif isinstance(param.default, bool):
         widget = QCheckBox()
         widget.setChecked(bool(value))
+    elif isinstance(param.default, dict):
+        widget = MappingEdit(dict(value))
     elif isinstance(param.default, int):
         widget = QSpinBox()
         widget.setRange(int(param.minimum) if param.minimum is not None else -10**9,
@@ -69,6 +71,39 @@ class FloatEdit(QLineEdit):
             self._value = value
             self.valueChanged.emit(value)
         self.setText(f"{value:g}")
+
+
+class MappingEdit(QLineEdit):
+    """``label=block, label=block`` for a mapping parameter (branch_at); ``valueChanged`` after a valid edit
+    (a malformed entry puts the last good value back)."""
+
+    valueChanged = Signal(dict)
+
+    def __init__(self, value: dict):
+        super().__init__(self.format(value))
+        self._value = dict(value)
+        self.setPlaceholderText("none (e.g. one=b3, eight=b4)")
+        self.editingFinished.connect(self._finished)
+
+    @staticmethod
+    def format(value: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+
+    def value(self) -> dict:
+        return dict(self._value)
+
+    def _finished(self) -> None:
+        from kamal_engine.replan import parse_branch_at_args
+
+        try:
+            value = parse_branch_at_args([self.text()]) or {}
+        except KamalError:
+            self.setText(self.format(self._value))
+            return
+        if value != self._value:
+            self._value = value
+            self.valueChanged.emit(value)
+        self.setText(self.format(value))
 
 
 def param_value(param: Param, widget: QWidget):

@@ -1,4 +1,6 @@
-"""Results page: the branched TargetNet as a diagram, AP per label vs the teachers, sizes, Save student."""
+"""Results page: the branched TargetNet as a diagram, AP per label vs the teachers, its parameters and FLOPs
+as a share of the teachers', the size/quality chart of the run's branch plans (a plan clicked there can be
+fine-tuned from the run's trained blocks), Save student."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHea
 
 from kamal_engine.targetnet import Student, load_student
 
+from ..plan_chart import PlanChart
 from ..widgets import page_header, remember_folder, start_path
 
 
@@ -102,6 +105,7 @@ def diagram_info(student: Student) -> dict:
 
 class ResultsPage(QWidget):
     student_saved = Signal(object)
+    replan_requested = Signal(object, dict)  # this run's folder, the plan to build from its trained blocks
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -125,7 +129,15 @@ class ResultsPage(QWidget):
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        outer.addWidget(self.table, 1)
+        self.plan_chart = PlanChart()  # the run's branch plans (block-wise methods)
+        self.plan_chart.set_finetune_allowed(True)
+        self.plan_chart.finetune_requested.connect(
+            lambda plan: self.output_dir is not None and self.replan_requested.emit(self.output_dir, plan))
+        self.plan_chart.setVisible(False)
+        middle = QHBoxLayout()
+        middle.addWidget(self.table, 3)
+        middle.addWidget(self.plan_chart, 2)
+        outer.addLayout(middle, 1)
         self.sizes = QLabel()
         self.sizes.setWordWrap(True)
         outer.addWidget(self.sizes)
@@ -156,7 +168,8 @@ class ResultsPage(QWidget):
         student_ap = ((val.get("student") or {}).get("ap")) or {}
         tasks = {label: ", ".join(t.get("teachers") or [t["teacher"]]) for t in report.get("tasks", [])
                  for label in t["labels"]}
-        self.table.setRowCount(len(student.labels) + 1)
+        size = report.get("size") or {}
+        self.table.setRowCount(len(student.labels) + (3 if size else 1))
         for row, label in enumerate(student.labels):
             _, t_ap = teacher_ap.get(label, (None, None))
             s_ap = student_ap.get(label)
@@ -168,9 +181,25 @@ class ResultsPage(QWidget):
         self._row(len(student.labels), ["mAP", "", _fmt(t_mean), _fmt(s_map),
                                         _signed(None if t_mean is None or s_map is None else s_map - t_mean)],
                   bold=True)
+        if size:  # the TargetNet's cost beside the teachers' (those it learns from)
+            used = {t for task in report.get("tasks", []) for t in task.get("teachers") or [task["teacher"]]}
+            teachers = {k: v for k, v in (size.get("teachers") or {}).items() if k in used or not used}
+            for row, (key, name, unit) in enumerate((("parameters", "Parameters", 1), ("flops", "FLOPs / image", 1e6)),
+                                                    len(student.labels) + 1):
+                t_sum = sum(v[key] for v in teachers.values())
+                own = size["student"][key]
+                text = (lambda v: f"{v:,}") if unit == 1 else (lambda v: f"{v / unit:.1f} M")
+                self._row(row, [name, "sum of the teachers", text(t_sum), text(own),
+                                f"{own / t_sum:.2f} ×" if t_sum else ""])
+        plan = report.get("branch_plan") or {}
+        self.plan_chart.setVisible(bool(plan.get("plans")))
+        if plan.get("plans"):
+            budget = plan.get("budget_parameters")
+            self.plan_chart.set_plans(plan["plans"], plan["plans"].index(plan["chosen"])
+                                      if plan.get("chosen") in plan["plans"] else None,
+                                      None if budget is None else budget / max(plan.get("teachers_parameters") or 1, 1))
         if not val:
             self.summary.setText(self.summary.text() + " · no validation set: AP not measured")
-        size = report.get("size") or {}
         if size:
             teachers = size.get("teachers", {})
             t_params = sum(v["parameters"] for v in teachers.values())
@@ -179,7 +208,9 @@ class ResultsPage(QWidget):
             self.sizes.setText(
                 f"Student: <b>{s['parameters']:,}</b> parameters, {s['flops'] / 1e6:.1f} MFLOPs per image · "
                 f"teachers: {t_params:,} parameters, {t_flops / 1e6:.1f} MFLOPs (sum) · "
-                f"student / teachers (parameters): <b>{size.get('student_vs_teachers_parameters', 0):.2f} ×</b>")
+                f"student / teachers: <b>{size.get('student_vs_teachers_parameters', 0):.2f} ×</b> the parameters"
+                + (f", <b>{size['student_vs_teachers_flops']:.2f} ×</b> the FLOPs" if "student_vs_teachers_flops" in size
+                   else ""))
         warnings = (report.get("diagnosis") or {}).get("warnings") or []
         if warnings:  # a teacher whose knowledge did not get through (filtered-ka's diagnosis)
             self.sizes.setText(self.sizes.text() + "".join(f"<br><span style='color:#8a6d00'>⚠ {html.escape(w)}</span>"

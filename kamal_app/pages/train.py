@@ -26,7 +26,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import QElapsedTimer, Qt, QTimer, Signal
 from PySide6.QtGui import QFontMetricsF, QImage, QPixmap
 from PySide6.QtWidgets import (QCheckBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar,
-                               QPushButton, QSizePolicy, QVBoxLayout, QWidget)
+                               QPushButton, QSizePolicy, QTabWidget, QVBoxLayout, QWidget)
 
 from kamal_engine.errors import KamalError
 from kamal_engine.events import RunCancelled, format_duration
@@ -34,6 +34,7 @@ from kamal_engine.methods import get_method
 
 from ..engine_process import run_in_child_process
 from ..monitor import EventQueue, RunMonitor
+from ..plan_chart import PlanChart
 from ..widgets import StatusLine, page_header
 from ..workers import WorkerHandle
 
@@ -180,10 +181,12 @@ def method_branches(method_id: str) -> bool:
 class TrainPage(QWidget):
     run_finished = Signal(object)  # the RunResult
     run_stopped = Signal()  # after the worker thread ended, however it ended
+    replan_requested = Signal(object, dict)  # a finished run's folder, the plan to build from its blocks
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.handle: WorkerHandle | None = None
+        self.finished_dir = None  # the folder of the last run that finished here (its plans can be fine-tuned)
         self.events = EventQueue()
         self.monitor = RunMonitor()
         self.cancelled = False
@@ -230,7 +233,12 @@ class TrainPage(QWidget):
         grid.addWidget(self.log_scale, 1, 0)
         self.converged_plot = _plot("Converged loss · ★ branch", "converged loss", "block")
         self.converged_panel = with_legend(self.converged_plot)
-        grid.addWidget(self.converged_panel, 0, 1)
+        self.plan_chart = PlanChart()  # every branch plan's size and quality, once the blocks are trained
+        self.plan_chart.finetune_requested.connect(self._replan)
+        self.branch_tabs = QTabWidget()
+        self.branch_tabs.addTab(self.converged_panel, "Converged loss")
+        self.branch_tabs.addTab(self.plan_chart, "Size / quality")
+        grid.addWidget(self.branch_tabs, 0, 1)
         self.knowledge = QLabel()  # teacher x block: the share of its knowledge the student reproduces
         self.knowledge.setTextFormat(Qt.TextFormat.RichText)
         self.knowledge.setVisible(False)
@@ -301,7 +309,11 @@ class TrainPage(QWidget):
         self.curves, self.generator_curves = {}, {}
         self.free_box.setVisible(data_free)
         self.plots_grid.setRowStretch(2, 1 if data_free else 0)  # shares the height, never squashing the loss plots
-        self.converged_panel.setVisible(method_branches(recipe.method))  # kd, dafl, adaptive-ka: no branch-out
+        self.branch_tabs.setVisible(method_branches(recipe.method))  # kd, dafl, adaptive-ka: no branch-out
+        self.branch_tabs.setCurrentIndex(0)
+        self.plan_chart.clear()
+        self.plan_chart.set_finetune_allowed(False, "Another plan can be fine-tuned once this run has finished.")
+        self.finished_dir = None
         self.knowledge.setVisible(False)
         self.knowledge.clear()
         self.warning.setVisible(False)
@@ -373,6 +385,12 @@ class TrainPage(QWidget):
             self.samples.setPixmap(pixmap.scaled(side, side, Qt.AspectRatioMode.KeepAspectRatio,
                                                  Qt.TransformationMode.FastTransformation))
             self.samples.setToolTip(f"generated at step {m.samples_step}")
+
+        if "plans" in dirty and m.plans is not None:
+            plans = m.plans
+            budget = None if plans.budget is None else plans.budget / max(plans.teachers_parameters, 1)
+            self.plan_chart.set_plans(plans.plans, plans.chosen, budget)
+            self.branch_tabs.setCurrentWidget(self.plan_chart)
 
         if "coverage" in dirty and m.coverage:
             self._show_free_box()
@@ -525,7 +543,13 @@ class TrainPage(QWidget):
         self.progress.setValue(PROGRESS_STEPS)
         self.eta.setText("")
         self.stage.setText(f"Finished: {result.output_dir}")
+        self.finished_dir = result.output_dir
+        self.plan_chart.set_finetune_allowed(True)
         self.run_finished.emit(result)
+
+    def _replan(self, plan: dict) -> None:
+        if self.finished_dir is not None and not self.is_running():
+            self.replan_requested.emit(self.finished_dir, plan)
 
     def on_errored(self, exc) -> None:
         self.redraw()

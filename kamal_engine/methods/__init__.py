@@ -65,6 +65,7 @@ class MethodInfo:
     shared_labels: bool = False  # a label may be selected from several teachers (adaptive-ka)
     branches: bool = False  # the TargetNet branches out per task at the block of least converged loss
     soft_targets: bool = True  # data mode: uses the teachers' predictions computed once before training
+    renamed: dict[str, str] = field(default_factory=dict)  # a parameter's earlier name -> its name now
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
@@ -97,6 +98,7 @@ def resolve_params(method: MethodInfo, given: dict[str, Any], error: Callable[[s
     known = {p.name: p for p in method.params}
     params = method.defaults()
     for key, value in given.items():
+        key = method.renamed.get(key, key)  # recipes written before a parameter was renamed still run
         if key not in known:
             raise error(f"unknown parameter for method '{method.id}'; its parameters are {', '.join(known)}", key)
         problem = known[key].check(value)

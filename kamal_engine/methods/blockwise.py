@@ -14,12 +14,14 @@ import torch
 
 from ..backbones import split_model
 from ..backbones.blocks import BlockNet
+from ..branchplan import BranchSizes, PlanSpace, budget_parameters, choose_plan, over_budget, parse_branch_at
 from ..errors import KamalError
-from ..events import BlockConverged, StageStarted
+from ..events import BlockConverged, BranchPlanChosen, BranchPlansMeasured, RunWarning, StageStarted
 from ..filters import build_filter, filter_spec
 from ..profile import count_parameters
-from ..targetnet import Branch, BranchSizes, BranchSpec, TargetNet, TaskGroup
+from ..targetnet import Branch, BranchSpec, TargetNet, TaskGroup
 from ..training import StepLoop
+from . import Param
 from .common import RunContext
 from .phases import Loss, finetune
 
@@ -147,8 +149,8 @@ def resume_blocks(ctx: RunContext, paired: PairedBlocks) -> tuple[int, dict[str,
 
 def save_block(ctx: RunContext, loop: StepLoop, k: int, converged: dict, filters: dict, **parts) -> None:
     """Checkpoint after block k: the student, every task's converged losses and the filters so far."""
-    ctx.save(loop, blocks_done=k, converged=converged, student=ctx.student.state_dict(),
-             filters=filters_state(filters), **parts)
+    ctx.save(loop, blocks_done=k, blocks_step=loop.state.step, converged=converged,
+             student=ctx.student.state_dict(), filters=filters_state(filters), **parts)
 
 
 def regroup(ctx: RunContext, loop: StepLoop, paired: PairedBlocks, filters: dict, plan: dict[str, int],
@@ -162,10 +164,108 @@ def regroup(ctx: RunContext, loop: StepLoop, paired: PairedBlocks, filters: dict
         return assemble(plan_, list(paired.student.blocks), paired.names, paired.teachers, filters, paired.specs,
                         ctx.selection, ctx.params["granularity"])
 
-    if ctx.evaluate is not None and ctx.params["ap_by_block"]:  # before fine-tuning, as the paper's Fig. 3
-        report["ap_by_block"] = ap_by_block(ctx, build, paired.names)
+    if ctx.evaluate is not None and ctx.params["ap_by_block"] and "ap_by_block" not in report:
+        report["ap_by_block"] = ap_by_block(ctx, build, paired.names)  # before fine-tuning, as the paper's Fig. 3
     net = build(plan).to(ctx.device)
     finetune(ctx, loop, net, phase=phase, blocks=len(paired.names), steps_per_epoch=steps_per_epoch,
              batches=batches, loss=lambda draw: loss(net, draw))
     net.eval()
     return net
+
+
+# --- the branch plan (Eq. 9, 10 and 18, with the user's budget) -------------------------------------
+
+def plan_params(max_params: float, rule: str) -> tuple[Param, ...]:
+    """The parameters choosing the branch plan (:func:`~kamal_engine.branchplan.choose_plan`); ``rule`` names
+    the method's own rule (Eq. 9 or Eq. 18) for the help texts."""
+    return (
+        Param("max_params", max_params, "the TargetNet has at most this many parameters: up to 100 a multiple of "
+              "the summed parameters of the teachers it learns from (0.6: 60 %), above 100 a count; when the plan "
+              f"of {rule} is bigger, the plan of least total converged loss that fits is taken; 0: no budget",
+              minimum=0.0),
+        Param("branch_tolerance", 0.0, "ε: each task branches at the deepest block whose converged loss is within "
+              f"(1 + ε) × its minimum (more shared blocks, a smaller TargetNet); 0: {rule}", minimum=0.0),
+        Param("branch_at", {}, "blocks fixed by hand, label = block name (e.g. one = \"b3\"); the other labels "
+              "follow branch_tolerance and max_params; empty: none"),
+    )
+
+
+def teachers_parameters(ctx: RunContext, paired: PairedBlocks) -> int:
+    """The summed parameters of the teachers the student learns from (what ``max_params`` is a share of)."""
+    return sum(count_parameters(ctx.selection.teachers[n].model) for n in paired.active)
+
+
+def check_budget(ctx: RunContext, paired: PairedBlocks, *, joint: bool) -> None:
+    """Before any training: ``branch_at`` names real labels and blocks, and ``max_params`` is not below what
+    even the smallest TargetNet needs without its filters (the student's trunk and the teachers' heads)."""
+    fixed = parse_branch_at(ctx.params["branch_at"], ctx.selection.tasks, paired.names)
+    budget = budget_parameters(ctx.params["max_params"], teachers_parameters(ctx, paired))
+    if budget is None:
+        return
+    sizes = branch_sizes(paired.student, paired.teachers, {}, len(paired.names))
+    sizes.filters = {(k, n): 0 for k in range(1, len(paired.names) + 1) for n in paired.active}
+    teacher_of = {t.name: t.teacher for t in ctx.selection.tasks}
+    space = PlanSpace({t.name: [0.0] * len(paired.names) for t in ctx.selection.tasks}, teacher_of, sizes,
+                      joint=joint, fixed=fixed)
+    least = space.smallest().parameters
+    if least > budget:
+        total = teachers_parameters(ctx, paired)
+        raise KamalError(f"[method] max_params = {ctx.params['max_params']:g} allows {budget:,} parameters, but the "
+                         f"smallest TargetNet of this student and these teachers has more than {least:,} "
+                         f"({least / max(total, 1):.2f} x the teachers'{' with the blocks of branch_at' if fixed else ''})"
+                         f": raise max_params to at least {least / max(total, 1) + 0.01:.2f} or choose a smaller student")
+
+
+def plan_branches(ctx: RunContext, paired: PairedBlocks, filters: dict, converged: dict[str, list[float]],
+                  report: dict, *, joint: bool, rule: str) -> dict[str, int]:
+    """Step III's plan: with a validation set the AP of every task branching at each block (the paper's
+    Fig. 3, into ``report``), every plan's exact size and loss (:class:`~kamal_engine.branchplan.PlanSpace`),
+    the plan of the rules (``branch_at``, ``branch_tolerance``, ``max_params``); the plans and the choice go
+    to the events and ``report["branch_plan"]``. ``joint``: a teacher's tasks branch together (Eq. 18)."""
+    p, selection, names = ctx.params, ctx.selection, paired.names
+    if ctx.evaluate is not None and p["ap_by_block"]:
+        def build(plan_: dict[str, int]) -> TargetNet:
+            return assemble(plan_, list(paired.student.blocks), names, paired.teachers, filters, paired.specs,
+                            selection, p["granularity"])
+        report["ap_by_block"] = ap_by_block(ctx, build, names)
+    ap = None
+    if "ap_by_block" in report:
+        ap = {}
+        for k, name in enumerate(names, 1):
+            for label, value in report["ap_by_block"][name]["ap"].items():
+                ap.setdefault(label, {})[k] = value
+    sizes = branch_sizes(paired.student, paired.teachers, filters, len(names))
+    teacher_of = {t.name: t.teacher for t in selection.tasks}
+    labels_of = {t.name: list(t.labels) for t in selection.tasks}
+    fixed = parse_branch_at(p["branch_at"], selection.tasks, names)
+    space = PlanSpace(converged, teacher_of, sizes, joint=joint, fixed=fixed, ap=ap, labels_of=labels_of)
+    total = teachers_parameters(ctx, paired)
+    budget = budget_parameters(p["max_params"], total)
+    plan, how = choose_plan(space, p["branch_tolerance"], budget)
+    if how == "over-budget":  # the filters' sizes are known only now; check_budget refused what it could before
+        ctx.emit(RunWarning(over_budget(plan, budget, total, names, bool(fixed))))
+    plain = PlanSpace(converged, teacher_of, sizes, joint=joint, ap=ap, labels_of=labels_of)
+    eq9 = plain.plan(plain.tolerance_plan(0.0))
+    front = space.front()
+    plans = space.candidates()
+    for extra in (plan, eq9):
+        if all(c.key() != extra.key() for c in plans):
+            plans.append(extra)
+    keys = [c.key() for c in plans]
+    rows = [c.to_dict(names, total) for c in plans]
+    measured = BranchPlansMeasured(blocks=list(names), teachers_parameters=total, plans=rows,
+                                   front=[keys.index(f.key()) for f in front], chosen=keys.index(plan.key()),
+                                   budget=budget, rule=how)
+    ctx.emit(measured)
+    ctx.emit(BranchPlanChosen(plan.named(names)))
+    report["branch_plan"] = {
+        "rule": how, "joint": joint, "tolerance": p["branch_tolerance"], "branch_at": plan_named(fixed, names),
+        "eq9": eq9.named(names), "eq9_parameters": eq9.parameters, "budget_parameters": budget,
+        "parameters": plan.parameters, "teachers_parameters": total, "chosen": rows[measured.chosen],
+        "front": measured.front, "plans": rows,
+    }
+    return dict(plan.blocks)
+
+
+def plan_named(blocks: dict[str, int], names) -> dict[str, str]:
+    return {task: names[k - 1] for task, k in blocks.items()}

@@ -45,6 +45,8 @@ generated images (``eval_batches`` batches drawn from a fixed seed), through the
 one the TargetNet uses. ``S_m = argmin_b η^{b,m}`` (Eq. 18, ties to the deeper block): the tasks
 selected from one teacher branch out together. The TargetNet (Eq. 19-20) is regrouped as
 filtered-KA's (Eq. 10) and fine-tuned on generated images against the teachers (Algorithm 1 l. 23).
+``max_params``, ``branch_tolerance`` and ``branch_at`` (none by default) choose another plan by size
+(:mod:`kamal_engine.branchplan`); a teacher's tasks still branch together.
 
 Beyond the paper (options, all off with ``paper_faithful = true``; the ingredients in
 :mod:`kamal_engine.methods.datafree`; on by default: the rate balance and the batch-norm prior,
@@ -72,12 +74,12 @@ import torch
 from torch import nn
 
 from ..errors import KamalError
-from ..events import BlockConverged, BranchPlanChosen, LabelsCovered, SamplesGenerated, StageStarted
+from ..events import BlockConverged, LabelsCovered, SamplesGenerated, StageStarted
 from ..filters import build_filter
-from ..targetnet import TargetNet, choose_branch_points
+from ..targetnet import TargetNet
 from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
-from .blockwise import pair_blocks, regroup, resume_blocks, save_block
+from .blockwise import check_budget, pair_blocks, plan_branches, plan_params, regroup, resume_blocks, save_block
 from .common import RunContext, Term, descend, describe_terms, loss_dict, sgd_params, total_loss
 from .datafree import (INGREDIENTS, BatchNormPrior, LabelCoverage, ReplayPool, activation_loss, balance_loss,
                        datafree_params, disagreement, discrete_loss, effective_params, one_hot_loss, recording,
@@ -109,6 +111,7 @@ class DualGAN:
         self.ctx, self.p, self.selection, self.device = ctx, p, selection, ctx.device
         self.tasks, self.teachers = selection.tasks, selection.teachers
         self.paired = paired = pair_blocks(ctx, p["granularity"], p["reduction"])
+        check_budget(ctx, paired, joint=True)
         self.n_blocks = n_blocks = len(paired.names)
         if p["groups"] > n_blocks:
             raise KamalError(f"[method] groups = {p['groups']}, but the student has {n_blocks} blocks at "
@@ -334,21 +337,23 @@ class DualGAN:
         self.generator.requires_grad_(False)
         return {"generator:adversarial": float(apart.detach()), "generator:joint": float(joint.detach())}
 
-    def branch_plan(self, converged: dict[str, list[float]], means: dict[str, float]) -> tuple[dict[str, int], dict]:
-        """Eq. 18: each teacher's tasks branch out together at the block of least mean converged loss."""
-        selection, teachers, names = self.selection, self.teachers, self.paired.names
-        by_teacher = {teachers[n].name: [sum(converged[t.name][k] for t in selection.tasks_of(n))
-                                         / len(selection.tasks_of(n)) for k in range(self.n_blocks)]
+    def branch_plan(self, converged: dict[str, list[float]], means: dict[str, float], filters: dict
+                    ) -> tuple[dict[str, int], dict]:
+        """Eq. 18: each teacher's tasks branch out together at the block of least mean converged loss, under
+        the plan rules (:func:`~.blockwise.plan_branches`, ``joint``)."""
+        selection, names = self.selection, self.paired.names
+        by_teacher = {self.teachers[n].name: [sum(converged[t.name][k] for t in selection.tasks_of(n))
+                                              / len(selection.tasks_of(n)) for k in range(self.n_blocks)]
                       for n in self.active}
-        teacher_plan = choose_branch_points(by_teacher)
-        plan = {t.name: teacher_plan[teachers[t.teacher].name] for t in self.tasks}
-        self.ctx.emit(BranchPlanChosen({task: names[k - 1] for task, k in plan.items()}))
-        return plan, {
+        report = {
             "granularity": self.p["granularity"],
             "blocks": names,
             "generator_groups": [("image" if b == 0 else names[b - 1]) for b in self.boundaries],
             "converged_loss": {task: dict(zip(names, losses)) for task, losses in converged.items()},
             "converged_loss_by_teacher": {name: dict(zip(names, losses)) for name, losses in by_teacher.items()},
+        }
+        plan = plan_branches(self.ctx, self.paired, filters, converged, report, joint=True, rule="Eq. 18")
+        report.update({
             "branch_points": {task: names[k - 1] for task, k in plan.items()},
             "generated_images": self.total * self.p["batch_size"],
             "loss_terms": {"generator": describe_terms(self.terms, self.p, means, "generator:")},
@@ -356,7 +361,8 @@ class DualGAN:
             "ingredients": {k: self.p[k] for k in INGREDIENTS},
             "coverage": {"generated": self.covered},
             **({"batch_norm_prior": self.prior.describe()} if self.prior is not None else {}),
-        }
+        })
+        return plan, report
 
 
 def run(ctx: RunContext) -> MethodResult:
@@ -374,7 +380,7 @@ def run(ctx: RunContext) -> MethodResult:
         ctx.emit(BlockConverged(b, gan.paired.names[b - 1], values))
         filters.update({(b, n): f for n, f in fb.items()})
         save_block(ctx, loop, b, converged, filters, pool=gan.pool.state_dict())
-    plan, report = gan.branch_plan(converged, means)
+    plan, report = gan.branch_plan(converged, means, filters)
     net = regroup(ctx, loop, gan.paired, filters, plan, report, phase=FINETUNE_PHASE,
                   steps_per_epoch=ctx.params["iterations"], batches=gan.batches, loss=gan.finetune_loss)
     return MethodResult(net, ctx.params["granularity"], report)
@@ -415,6 +421,7 @@ METHOD = MethodInfo(
         Param("reduction", 4, "channel reduction r of the teacher-level filters (supplementary: 4)", minimum=1),
         Param("eval_batches", 8, "generated batches measuring each block's converged loss (Eq. 18)", minimum=1),
         Param("ap_by_block", True, "with a validation set: AP of every task branching at each block"),
+        *plan_params(0.0, "Eq. 18"),
         *datafree_params(warmup=0, warmup_help="fine-tuning epochs before the adversarial term starts"),
         Param("preview_every", 100, "generator steps between generated-sample previews (0: none)", minimum=0),
     ),

@@ -26,8 +26,10 @@ departures, each a parameter whose other value is the paper's form:
   started at the least-squares map between the two features (``"se"``: the paper).
 * ``max_rounds_per_block``: a block trains again while a round still lowers its converged loss
   (Algorithm 1 trains to convergence; 1: the paper's fixed epochs).
-* ``max_size``: the branch plan of Eq. 9 is capped so that the TargetNet is no bigger than the
-  teachers it replaces (:func:`~kamal_engine.targetnet.fit_branch_plan`; 0: Eq. 10 as it falls).
+* ``max_params`` (default 1): the branch plan of Eq. 9 is replaced, when its TargetNet is bigger than
+  that share of the teachers it replaces, by the plan of least total converged loss that fits
+  (:mod:`kamal_engine.branchplan`; 0: Eq. 10 as it falls). ``branch_tolerance`` and ``branch_at``
+  choose other plans on purpose (0 and empty: Eq. 9).
 * Every block is diagnosed: linear CKA and channel alignment before, and the share of each teacher's
   knowledge reproduced after (:mod:`kamal_engine.relatedness`), in the report, the events and a
   warning when a teacher's share at its branch block is below ``warn_share``.
@@ -50,14 +52,14 @@ import copy
 import torch
 
 from ..backbones.blocks import eval_mode
-from ..events import BlockConverged, BlockDiagnosed, BranchPlanChosen, RunWarning
+from ..events import BlockConverged, BlockDiagnosed, RunWarning
 from ..filters import FeatureAdapter, build_filter, filter_spec
-from ..profile import count_parameters
 from ..relatedness import channel_alignment, feature_cka, knowledge_share, least_squares_map, reference_losses
-from ..targetnet import TargetNet, choose_branch_points, fit_branch_plan
+from ..targetnet import TargetNet
 from ..training import AUGMENTATIONS, StepLoop, autocast, consistent_views, set_mode, task_losses, task_probabilities
 from . import MethodInfo, MethodResult, Param
-from .blockwise import PairedBlocks, branch_sizes, pair_blocks, regroup, resume_blocks, save_block
+from .blockwise import (PairedBlocks, check_budget, pair_blocks, plan_branches, plan_params, regroup, resume_blocks,
+                        save_block)
 from .common import RunContext, loss_dict, sgd_params, steps_per_epoch
 from .phases import Loss, train_block
 
@@ -124,6 +126,7 @@ class FilteredKA:
         p, selection = ctx.params, ctx.selection
         self.ctx, self.p, self.selection, self.device = ctx, p, selection, ctx.device
         self.paired = pair_blocks(ctx, p["granularity"], p["reduction"])
+        check_budget(ctx, self.paired, joint=False)
         self.n_blocks = len(self.paired.names)
         self.active, self.outputs_of = self.paired.active, self.paired.outputs
         self.tasks_of = {n: selection.tasks_of(n) for n in self.active}
@@ -304,30 +307,20 @@ class FilteredKA:
         }
 
     def branch_plan(self, converged: dict, filters: dict, diagnosis: dict) -> tuple[dict[str, int], dict]:
-        """Eq. 9's branch points, capped by ``max_size`` (:func:`fit_branch_plan`), and the report so far."""
-        names, selection, teachers = self.paired.names, self.selection, self.selection.teachers
-        eq9 = choose_branch_points(converged)
-        sizes = branch_sizes(self.paired.student, self.paired.teachers, filters, self.n_blocks)
-        teacher_of = {t.name: t.teacher for t in selection.tasks}
-        budget = None
-        if self.p["max_size"] > 0:
-            budget = int(self.p["max_size"] * sum(count_parameters(teachers[n].model) for n in self.active))
-        plan, how = fit_branch_plan(eq9, converged, teacher_of, sizes, budget)
-        self.ctx.emit(BranchPlanChosen({task: names[k - 1] for task, k in plan.items()}))
+        """Eq. 9's branch points under the plan rules (:func:`~.blockwise.plan_branches`), the warnings of
+        teachers whose knowledge does not get through at their branch blocks, and the report so far."""
+        names, selection = self.paired.names, self.selection
+        report = {"granularity": self.p["granularity"], "blocks": names,
+                  "converged_loss": {task: dict(zip(names, losses)) for task, losses in converged.items()}}
+        plan = plan_branches(self.ctx, self.paired, filters, converged, report, joint=False, rule="Eq. 9")
         warnings = knowledge_warnings(diagnosis, plan, selection, names, self.p["warn_share"])
         for message in warnings:
             self.ctx.emit(RunWarning(message))
-        return plan, {
-            "granularity": self.p["granularity"],
-            "blocks": names,
-            "converged_loss": {task: dict(zip(names, losses)) for task, losses in converged.items()},
-            "branch_points": {task: names[k - 1] for task, k in plan.items()},
-            "branch_plan": {"rule": how, "eq9": {task: names[k - 1] for task, k in eq9.items()},
-                            "eq9_parameters": sizes.size(eq9, teacher_of), "budget_parameters": budget,
-                            "parameters": sizes.size(plan, teacher_of)},
-            "diagnosis": {**diagnosis, "floor": {t.name: round(float(f), 5) for t, f in zip(selection.tasks, self.floors)},
-                          "warnings": warnings},
-        }
+        report["branch_points"] = {task: names[k - 1] for task, k in plan.items()}
+        report["diagnosis"] = {**diagnosis, "floor": {t.name: round(float(f), 5)
+                                                       for t, f in zip(selection.tasks, self.floors)},
+                               "warnings": warnings}
+        return plan, report
 
 
 def run(ctx: RunContext) -> MethodResult:
@@ -424,8 +417,7 @@ METHOD = MethodInfo(
         Param("augment", "none", "consistent augmentation: the teachers predict on the very view the student gets "
               "('shift': ±4 pixels; 'shift+flip' adds horizontal flips; 'none': the images as they are, the "
               "teachers' predictions computed once)", choices=AUGMENTATIONS),
-        Param("max_size", 1.0, "the TargetNet has at most this many times the summed parameters of the teachers it "
-              "learns from (tasks of a teacher then share one branch point); 0: Eq. 10 as it falls", minimum=0.0),
+        *plan_params(1.0, "Eq. 9"),
         Param("diagnose_images", 512, "unlabeled images on which the features' relatedness (linear CKA) is measured "
               "and adapters are started", minimum=16),
         Param("warn_share", 0.9, "warn when the student reproduces less than this share of a teacher's knowledge at "
@@ -436,4 +428,5 @@ METHOD = MethodInfo(
     ),
     run=run,
     branches=True,
+    renamed={"max_size": "max_params"},
 )
