@@ -53,6 +53,7 @@ def recipe_for(workspace: Path, name: str, method: str, selects: tuple[list[str]
     overlay = "".join(f"\n{k} = {v!r}" if not isinstance(v, str) else f'\n{k} = "{v}"' for k, v in (params or {}).items())
     text = text.replace('id = "filtered-ka"', f'id = "{method}"{overlay}').replace('device = "auto"', 'device = "cpu"')
     text = text.replace('output_dir = "../runs/filtered-ka"', f'output_dir = "../runs/bench-{name}"')
+    text = text.replace('onnx = "../runs/filtered-ka/student.onnx"', f'onnx = "../runs/bench-{name}/student.onnx"')
     text = text.replace('name = "demo-filtered-ka"', f'name = "bench-{name}"')
     if selects is not None:
         selections = iter(selects)

@@ -16,7 +16,9 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-QUALITIES = {"loss": "total converged loss", "mean_ap": "mAP before fine-tuning"}
+QUALITIES = {"loss": "total converged loss", "mean_ap": "mAP before fine-tuning (%)"}
+SCALE = {"loss": 1.0, "mean_ap": 100.0}  # mAP drawn in %, as the tables show it
+AXIS = {"loss": "converged loss", "mean_ap": "mAP (%)"}  # short: the axis is as high as the plot
 
 
 def front_of(xs, ys, higher_better: bool) -> list[int]:
@@ -40,7 +42,7 @@ def describe_plan(row: dict) -> str:
     blocks = "; ".join(f"{block}: {', '.join(tasks)}" for block, tasks in sorted(by_block.items()))
     quality = f"converged loss {row['loss']:.4f}"
     if row.get("mean_ap") is not None:
-        quality += f", mAP before fine-tuning {row['mean_ap']:.4f}"
+        quality += f", mAP before fine-tuning {100 * row['mean_ap']:.2f} %"
     return f"<b>{row['parameters']:,}</b> parameters ({row['fraction']:.2f} × the teachers') · {quality}<br>{blocks}"
 
 
@@ -49,7 +51,9 @@ class PlanChart(QWidget):
 
     finetune_requested = Signal(dict)
 
-    def __init__(self, parent=None):
+    def __init__(self, parent=None, side_by_side: bool = False):
+        """``side_by_side``: the plan's text and the button beside the plot (a wide, low place) instead of
+        below it."""
         super().__init__(parent)
         self.rows: list[dict] = []
         self.chosen: int | None = None
@@ -71,8 +75,10 @@ class PlanChart(QWidget):
         item = self.plot.getPlotItem()
         item.setLabel("bottom", "parameters (× the teachers')")
         item.showGrid(x=True, y=True, alpha=0.25)
+        for side in ("left", "bottom"):  # plain numbers: no "(x0.001)" prefix on the axis
+            item.getAxis(side).enableAutoSIPrefix(False)
         item.setTitle("Branch plans · ★ chosen", color=self.palette().text().color().name())
-        self.plot.setMinimumHeight(self.fontMetrics().height() * 10)
+        self.plot.setMinimumHeight(self.fontMetrics().height() * 8)
         self.points = pg.ScatterPlotItem(size=7, pen=pg.mkPen(None), brush=pg.mkBrush(90, 120, 200, 150))
         self.points.sigClicked.connect(self._clicked)
         self.line = pg.PlotDataItem(pen=pg.mkPen((220, 120, 0), width=2))
@@ -82,11 +88,10 @@ class PlanChart(QWidget):
         for part in (self.line, self.points, self.star, self.ring, self.budget_line):
             item.addItem(part)
         self.budget_line.setVisible(False)
-        layout.addWidget(self.plot, 1)
         self.info = QLabel("No branch plans yet: they are measured once every block is trained.")
         self.info.setWordWrap(True)
         self.info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        layout.addWidget(self.info)
+        self.info.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.button = QPushButton("Fine-tune this plan")
         self.button.setToolTip("build this plan's TargetNet from the run's trained blocks and fine-tune it, in a new "
                                "run folder beside the run (kamal replan); the run itself is kept as it is")
@@ -95,7 +100,17 @@ class PlanChart(QWidget):
         row = QHBoxLayout()
         row.addStretch(1)
         row.addWidget(self.button)
-        layout.addLayout(row)
+        if side_by_side:
+            body, side = QHBoxLayout(), QVBoxLayout()
+            body.addWidget(self.plot, 3)
+            side.addWidget(self.info, 1)
+            side.addLayout(row)
+            body.addLayout(side, 2)
+            layout.addLayout(body, 1)
+        else:
+            layout.addWidget(self.plot, 1)
+            layout.addWidget(self.info)
+            layout.addLayout(row)
 
     # --- data ---
     def clear(self) -> None:
@@ -134,13 +149,14 @@ class PlanChart(QWidget):
     def values(self) -> tuple[np.ndarray, np.ndarray]:
         key = self.key()
         xs = np.array([r["fraction"] for r in self.rows], dtype=np.float64)
-        ys = np.array([math.nan if r.get(key) is None else float(r[key]) for r in self.rows], dtype=np.float64)
+        ys = np.array([math.nan if r.get(key) is None else SCALE[key] * float(r[key]) for r in self.rows],
+                      dtype=np.float64)
         return xs, ys
 
     def redraw(self) -> None:
         xs, ys = self.values()
         key = self.key()
-        self.plot.getPlotItem().setLabel("left", QUALITIES[key])
+        self.plot.getPlotItem().setLabel("left", AXIS[key])
         ok = np.isfinite(xs) & np.isfinite(ys)
         index = np.flatnonzero(ok)
         self.points.setData(x=xs[ok], y=ys[ok], data=list(index))

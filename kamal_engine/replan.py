@@ -98,6 +98,8 @@ def prepare_replan(run_dir: str | Path, options: dict[str, Any], output: str | P
         raise KamalError("a replan writes a new run folder and only reads the run it starts from; choose another "
                          "--output", run_dir)
     new.onnx = follow_output_dir(recipe.onnx, recipe.output_dir, new.output_dir)
+    if new.onnx is not None and new.onnx == recipe.onnx:  # outside RUN: that file is RUN's export, never replaced
+        new.onnx = new.output_dir / "student.onnx"
     resolved = resolve_params(method, new.params, lambda message, key: KamalError(f"--{key.replace('_', '-')}: "
                                                                                   f"{message}"))
     lock, folder = lock_run_folder(new.output_dir, replace=replace, command=command)

@@ -297,7 +297,7 @@ def test_the_whole_demo_flow_start_plot_results_export_test(window, quick_demo, 
     assert results.table.rowCount() == len(labels) + 3
     assert results.table.item(len(labels) + 1, 0).text() == "Parameters"
     assert results.table.item(len(labels) + 2, 4).text().endswith("×")
-    assert results.plan_chart.isVisibleTo(results) and results.plan_chart.rows == chart.rows
+    assert results.tabs.isTabVisible(1) and results.plan_chart.rows == chart.rows
     assert all(results.table.item(r, 3).text() for r in range(len(labels) + 1))  # student AP
     assert all(results.table.item(r, 2).text() for r in range(len(labels) + 1))  # teacher AP
     assert "parameters" in results.sizes.text() and results.diagram.layout_info["trunk"]
@@ -850,7 +850,7 @@ def test_a_plan_clicked_on_the_results_chart_is_fine_tuned_into_a_folder_of_its_
     before = (out / "report.json").read_text()
     assert window.open_run(out)
     chart = window.results_page.plan_chart
-    assert chart.isVisibleTo(window.results_page) and not chart.button.isEnabled()  # nothing picked yet
+    assert window.results_page.tabs.isTabVisible(1) and not chart.button.isEnabled()  # nothing picked yet
     chart.select(chart.chosen)
     assert "the chosen plan" in chart.info.text() and not chart.button.isEnabled()
     other = next(i for i, row in enumerate(chart.rows) if i != chart.chosen and i in chart.front) \

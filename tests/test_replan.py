@@ -135,3 +135,15 @@ def test_dual_gan_branches_a_teachers_labels_together_within_a_budget_and_replan
     replanned = replan(tmp_path / "gan", {"max_params": 0.0})  # no budget: Eq. 18's own plan
     assert replanned.report["branch_points"] == {t: b for t, b in plan["eq9"].items()}
     assert replanned.report["branch_plan"]["rule"] == "eq9"
+
+
+def test_a_replan_exports_into_its_own_folder_never_over_the_runs_onnx(quick_demo, recipe_factory, tmp_path):
+    root, _ = quick_demo
+    elsewhere = tmp_path / "models" / "student.onnx"  # the user's [export] path, outside the run folder
+    path = recipe_factory(root / "recipes" / "filtered-ka.toml", teachers=LABELS, run={"output_dir": tmp_path / "r"},
+                          method={"id": "filtered-ka", **TINY}, export={"onnx": elsewhere})
+    run_recipe(load_recipe(path))
+    before = elsewhere.read_bytes()
+    replanned = replan(tmp_path / "r", {"max_params": 0.6})
+    assert replanned.report["onnx"]["path"] == str(replanned.output_dir / "student.onnx")
+    assert (replanned.output_dir / "student.onnx").is_file() and elsewhere.read_bytes() == before

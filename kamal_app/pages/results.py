@@ -11,7 +11,8 @@ from pathlib import Path
 from PySide6.QtCore import QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QPainter, QPen
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QPushButton,
-                               QScrollArea, QSizePolicy, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+                               QScrollArea, QSizePolicy, QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout,
+                               QWidget)
 
 from kamal_engine.targetnet import Student, load_student
 
@@ -129,15 +130,15 @@ class ResultsPage(QWidget):
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.plan_chart = PlanChart()  # the run's branch plans (block-wise methods)
+        self.plan_chart = PlanChart(side_by_side=True)  # the run's branch plans (block-wise methods)
         self.plan_chart.set_finetune_allowed(True)
         self.plan_chart.finetune_requested.connect(
             lambda plan: self.output_dir is not None and self.replan_requested.emit(self.output_dir, plan))
-        self.plan_chart.setVisible(False)
-        middle = QHBoxLayout()
-        middle.addWidget(self.table, 3)
-        middle.addWidget(self.plan_chart, 2)
-        outer.addLayout(middle, 1)
+        self.tabs = QTabWidget()  # the AP table, and the plans' chart where the method branches out
+        self.tabs.addTab(self.table, "Per label")
+        self.tabs.addTab(self.plan_chart, "Size / quality")
+        self.tabs.setTabVisible(1, False)
+        outer.addWidget(self.tabs, 1)
         self.sizes = QLabel()
         self.sizes.setWordWrap(True)
         outer.addWidget(self.sizes)
@@ -192,7 +193,7 @@ class ResultsPage(QWidget):
                 self._row(row, [name, "sum of the teachers", text(t_sum), text(own),
                                 f"{own / t_sum:.2f} ×" if t_sum else ""])
         plan = report.get("branch_plan") or {}
-        self.plan_chart.setVisible(bool(plan.get("plans")))
+        self.tabs.setTabVisible(1, bool(plan.get("plans")))
         if plan.get("plans"):
             budget = plan.get("budget_parameters")
             self.plan_chart.set_plans(plan["plans"], plan["plans"].index(plan["chosen"])

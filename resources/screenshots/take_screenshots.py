@@ -127,6 +127,15 @@ def main() -> int:
             path = HERE / f"{name.lower().replace(' & ', '-').replace(' ', '-')}-{tag}.png"
             window.grab().save(str(path))
             written.append(path)
+    for size in SIZES:
+        window.resize(default_size(window) if size is None else window.size().__class__(*size))
+        window.nav.setCurrentRow(PAGES.index("Results"))
+        window.results_page.tabs.setCurrentWidget(chart)
+        settle(app)
+        path = HERE / f"results-plans-{window.width()}x{window.height()}.png"
+        window.grab().save(str(path))
+        written.append(path)
+    window.results_page.tabs.setCurrentIndex(0)
     window.nav.setCurrentRow(PAGES.index("Train"))
     window.resize(default_size(window))
     settle(app)
