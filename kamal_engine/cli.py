@@ -445,6 +445,10 @@ def print_run_summary(result, args) -> int:
     print(f"Student: {size['student']['parameters']:,} parameters ({size['student_vs_teachers_parameters']:.2f} x the "
           f"teachers' {teachers_params:,}), {_si(size['student']['flops'])}FLOPs per image"
           + (f" ({flops:.2f} x the teachers')" if flops is not None else ""))
+    if report.get("profile"):
+        from .profiling import summary
+
+        print(summary(report["profile"]))
     return 1 if onnx and onnx.get("error") else 0
 
 

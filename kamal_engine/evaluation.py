@@ -41,12 +41,13 @@ class Evaluation:
 
 def predict_all(predict: Predictor, data: LabelledSet, input_size: Sequence[int], batch_size: int = 64,
                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Probabilities for every image of ``data``, ``(N, L)``."""
+    """Probabilities for every image of ``data``, ``(N, L)`` (under ``torch.inference_mode``)."""
     out = []
-    for start, images in batches(data.paths, input_size, batch_size):
-        out.append(predict(images).float().cpu().numpy())
-        if progress:
-            progress(start + len(images), len(data))
+    with torch.inference_mode():
+        for start, images in batches(data.paths, input_size, batch_size):
+            out.append(predict(images).float().cpu().numpy())
+            if progress:
+                progress(start + len(images), len(data))
     return np.concatenate(out)
 
 

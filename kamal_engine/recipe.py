@@ -25,6 +25,7 @@ else:  # pragma: no cover
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 PRECISIONS = ("auto", "fp32", "bf16")
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 MODES = ("data", "data-free")
 INITS = ("teacher", "random", "checkpoint")
 
@@ -95,6 +96,7 @@ class Recipe:
     device: str = "auto"
     seed: int = 0
     precision: str = "auto"
+    memory_format: str = "contiguous"  # the networks' tensor layout in training (auto: measured per network)
     # [[teachers]]
     teachers: list[TeacherEntry] = field(default_factory=list)
     # [student]
@@ -136,7 +138,8 @@ class Recipe:
 
         data: dict[str, Any] = {
             "run": clean({"name": self.name, "output_dir": self.output_dir, "device": self.device,
-                          "seed": self.seed, "precision": self.precision}),
+                          "seed": self.seed, "precision": self.precision,
+                          "memory_format": None if self.memory_format == "contiguous" else self.memory_format}),
             "teachers": [clean({"checkpoint": t.checkpoint, "name": t.name, "arch": t.arch,
                                 "arch_kwargs": t.arch_kwargs, "labels_file": t.labels_file, "labels": t.labels,
                                 "task": t.task, "input_size": t.input_size, "mean": t.mean, "std": t.std,
@@ -196,7 +199,7 @@ def _is_triple(v):
 
 
 SECTIONS = {
-    "run": {"name", "output_dir", "device", "seed", "precision"},
+    "run": {"name", "output_dir", "device", "seed", "precision", "memory_format"},
     "teachers": {"checkpoint", "select", "name", "arch", "arch_kwargs", "labels_file", "labels", "task",
                  "input_size", "mean", "std", "trust"},
     "student": {"arch", "arch_kwargs", "init", "teacher", "checkpoint"},
@@ -270,6 +273,8 @@ class _Parser:
         r.seed = self.check(run.get("seed", 0), _is_int, "an integer", "run", "seed")
         r.precision = self.check(run.get("precision", "auto"), lambda v: v in PRECISIONS, " or ".join(PRECISIONS),
                                  "run", "precision")
+        r.memory_format = self.check(run.get("memory_format", "contiguous"), lambda v: v in MEMORY_FORMATS,
+                                     " or ".join(MEMORY_FORMATS), "run", "memory_format")
 
     def teachers(self, teachers: list) -> None:
         if not teachers:

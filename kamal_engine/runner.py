@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, layout
 from .backbones import build_model
 from .checkpoints import atomic_write
 from .data import read_labelled
@@ -35,6 +35,7 @@ from .methods import MethodResult, get_method, resolve_params
 from .methods.common import RunContext
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .profile import count_flops, count_parameters
+from .profiling import RunProfile
 from .recipe import Recipe
 from .runfolder import (CHECKPOINT_FORMAT, holder_text, inspect_run_folder, lock_run_folder,
                         read_run_checkpoint, remove_partial_writes, write_manifest)
@@ -51,6 +52,7 @@ class Checkpointer:
     def __init__(self, path: Path, method: str, fingerprint: dict[str, Any] | None = None):
         self.path, self.method = path, method
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
+        self.extra: dict[str, Any] = {}  # the runner's own part of every state saved (the networks' layout)
         self._state: dict[str, Any] | None = None
         self._file: dict[str, Any] | None = None
 
@@ -75,6 +77,7 @@ class Checkpointer:
 
     def save(self, state: dict[str, Any], finished: bool = False) -> None:
         """Write ``state`` atomically; weights that turned NaN/Inf are never saved over the last good ones."""
+        state = {**state, **self.extra}
         bad = _non_finite(state)
         if bad:
             raise DivergedError(f"the training diverged: the weights to checkpoint ({bad}) are not finite numbers "
@@ -301,6 +304,7 @@ class RecipeRun:
         self.resume, self.emit, self.cancel = resume, emit, cancel
         self.out = recipe.output_dir
         self.device: torch.device | None = None
+        self.profile = RunProfile()  # report.json "profile": where the run's time went
 
     def execute(self, lock, folder, started: float) -> RunResult:
         """Inputs, training, the student file, its size and validation, the ONNX export, ``report.json``."""
@@ -310,17 +314,23 @@ class RecipeRun:
         self.device = resolve_device(self.recipe.device)
         inputs = self.load_inputs(lock, folder, resumed)
         result = self.train(inputs, resumed)
-        student = Student(result.net.cpu(), inputs.preprocessing, inputs.arch, inputs.arch_kwargs, result.granularity,
-                          self.method.id, info={"recipe": self.recipe.name, "seed": self.recipe.seed})
-        student.save(self.out / "student.kamal.pt")
-        report = self.describe(inputs, result, student)
+        net = layout.apply(result.net.cpu(), "contiguous")  # the student file in the default layout
+        student = Student(net, inputs.preprocessing, inputs.arch, inputs.arch_kwargs, result.granularity, self.method.id,
+                          info={"recipe": self.recipe.name, "seed": self.recipe.seed})
+        with self.profile.part("save student"):
+            student.save(self.out / "student.kamal.pt")
+        with self.profile.part("sizes"):
+            report = self.describe(inputs, result, student)
         if inputs.validation is not None:
-            report["validation"] = self.validate(inputs, student)
+            with self.profile.part("evaluate", 0):
+                report["validation"] = self.validate(inputs, student)
             if "coverage" in report:  # a data-free run: the rates its generated images are compared with
                 report["coverage"]["real"] = {label: rate for t in report["validation"]["teachers"].values()
                                               for label, rate in t.get("present", {}).items()}
-        summary = {"student": str(self.out / "student.kamal.pt"), **self.export(student, report)}
+        with self.profile.part("export onnx"):
+            summary = {"student": str(self.out / "student.kamal.pt"), **self.export(student, report)}
         report["seconds"] = round(time.monotonic() - started, 1)
+        report["profile"] = self.profile.to_dict(time.monotonic() - started)
         report = _clean(report)
         atomic_write(self.out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
         self.checkpointer.mark_finished()
@@ -339,10 +349,12 @@ class RecipeRun:
         images, targets = None, None
         if recipe.unlabeled:  # data mode; a data-free run has no images to load or predict on
             size = max(max(max(t.preprocessing.input_size) for t in teachers), max(preprocessing.input_size))
-            images = self.load_images((size, size))
+            with self.profile.part("load images"):
+                images = self.load_images((size, size))
             if method.soft_targets:  # adaptive-ka runs its teachers during training (features too)
                 emit(StageStarted("teacher-targets"))
-                targets = teacher_targets(selection, images.images, self.device, cancel=self.cancel)
+                with self.profile.part("teacher targets", len(images)):
+                    targets = teacher_targets(selection, images.images, self.device, cancel=self.cancel)
         return RunInputs(teachers, selection, model, arch, kwargs, preprocessing, validation, images, targets)
 
     def claim(self, lock, folder, resumed) -> None:
@@ -379,6 +391,7 @@ class RecipeRun:
             student = Student(net, inputs.preprocessing, inputs.arch, inputs.arch_kwargs, "stage", self.method.id)
             return evaluate_student(student, inputs.validation, self.device)
 
+        self.layouts = self.choose_layouts(inputs, resumed)
         metrics = MetricsLog(self.out / "metrics.csv", keep_until_step=resumed.get("step", 0) if resumed else None)
         if metrics.kept:  # resumed: the plots get the finished part of the run too
             self.emit(LossHistory(metrics.history()))
@@ -386,10 +399,36 @@ class RecipeRun:
             ctx = RunContext(inputs.selection, inputs.student, inputs.arch, inputs.arch_kwargs, inputs.preprocessing,
                              inputs.images, inputs.targets, self.device, self.recipe.precision, self.params,
                              self.recipe.seed, self.emit, self.cancel, metrics, self.checkpointer,
-                             evaluate_net if inputs.validation is not None else None, self.method.id, self.out)
+                             evaluate_net if inputs.validation is not None else None, self.method.id, self.out,
+                             self.profile)
             return self.method.run(ctx)
         finally:
             metrics.close()
+
+    def choose_layouts(self, inputs: RunInputs, resumed) -> dict[str, dict]:
+        """Each network's tensor layout (:mod:`~kamal_engine.layout`): a resumed run's own, else
+        ``[run] memory_format``, measured per network with ``auto``; applied, and kept in the checkpoint."""
+        saved = (resumed or {}).get("layout") or {}
+        batch = int(self.params.get("batch_size", 16))
+        nets = [("student", inputs.student, inputs.preprocessing.input_size, False)]
+        nets += [(t.name, t.model, t.preprocessing.input_size, True) for n, t in enumerate(inputs.teachers)
+                 if inputs.selection.covered_by(n)]
+        out = {}
+        with self.profile.part("layout"):
+            for name, model, size, teacher in nets:
+                times = None
+                if name in saved:
+                    chosen = saved[name]
+                elif self.recipe.memory_format != "auto":
+                    chosen = self.recipe.memory_format
+                else:
+                    times = layout.measure(model, batch, size, self.device, teacher=teacher)
+                    chosen = layout.choose(times)
+                layout.apply(model, chosen)
+                out[name] = {"layout": chosen, **({"ms": {k: round(v * 1000, 2) for k, v in times.items()}}
+                                                 if times else {})}
+        self.checkpointer.extra["layout"] = {name: v["layout"] for name, v in out.items()}
+        return out
 
     def describe(self, inputs: RunInputs, result: MethodResult, student: Student) -> dict[str, Any]:
         """The report's description of the run: method, tasks, the method's own report, data and sizes."""
@@ -410,6 +449,7 @@ class RecipeRun:
         used = [t.name for n, t in enumerate(teachers) if selection.covered_by(n)]
         covered = sum(sizes[name]["parameters"] for name in used)
         own = {"parameters": count_parameters(student.net), "flops": count_flops(student.net, inputs.preprocessing.input_size)}
+        report["layout"] = getattr(self, "layouts", {})
         report["size"] = {"student": own, "teachers": sizes, "student_vs_teachers_parameters": own["parameters"] / covered,
                           "student_vs_teachers_flops": own["flops"] / max(1, sum(sizes[name]["flops"] for name in used))}
         origin = (self.checkpointer.load() or {}).get("replanned_from") if self.resume else None

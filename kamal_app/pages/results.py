@@ -212,6 +212,10 @@ class ResultsPage(QWidget):
                 f"student / teachers: <b>{size.get('student_vs_teachers_parameters', 0):.2f} ×</b> the parameters"
                 + (f", <b>{size['student_vs_teachers_flops']:.2f} ×</b> the FLOPs" if "student_vs_teachers_flops" in size
                    else ""))
+        if report.get("profile"):  # where the run's time went
+            from kamal_engine.profiling import summary
+
+            self.sizes.setText(self.sizes.text() + "<br>" + html.escape(summary(report["profile"])))
         warnings = (report.get("diagnosis") or {}).get("warnings") or []
         if warnings:  # a teacher whose knowledge did not get through (filtered-ka's diagnosis)
             self.sizes.setText(self.sizes.text() + "".join(f"<br><span style='color:#8a6d00'>⚠ {html.escape(w)}</span>"

@@ -112,9 +112,10 @@ def ap_by_block(ctx: RunContext, build: Callable[[dict[str, int]], TargetNet], n
     """The paper's Fig. 3 as a table: AP of the TargetNet with every task branching at block k."""
     ctx.emit(StageStarted("evaluate-branch-points", blocks=len(names)))
     table = {}
-    for k in range(1, len(names) + 1):
-        evaluation = ctx.evaluate(build({t.name: k for t in ctx.selection.tasks}).to(ctx.device))
-        table[names[k - 1]] = {"ap": evaluation.ap, "mean_ap": evaluation.mean_ap}
+    with ctx.profile.part("ap by block"):
+        for k in range(1, len(names) + 1):
+            evaluation = ctx.evaluate(build({t.name: k for t in ctx.selection.tasks}).to(ctx.device))
+            table[names[k - 1]] = {"ap": evaluation.ap, "mean_ap": evaluation.mean_ap}
     return table
 
 
@@ -241,13 +242,13 @@ def plan_branches(ctx: RunContext, paired: PairedBlocks, filters: dict, converge
     space = PlanSpace(converged, teacher_of, sizes, joint=joint, fixed=fixed, ap=ap, labels_of=labels_of)
     total = teachers_parameters(ctx, paired)
     budget = budget_parameters(p["max_params"], total)
-    plan, how = choose_plan(space, p["branch_tolerance"], budget)
+    with ctx.profile.part("plan search"):
+        plan, how = choose_plan(space, p["branch_tolerance"], budget)
+        front, plans = space.front(), space.candidates()
     if how == "over-budget":  # the filters' sizes are known only now; check_budget refused what it could before
         ctx.emit(RunWarning(over_budget(plan, budget, total, names, bool(fixed))))
     plain = PlanSpace(converged, teacher_of, sizes, joint=joint, ap=ap, labels_of=labels_of)
     eq9 = plain.plan(plain.tolerance_plan(0.0))
-    front = space.front()
-    plans = space.candidates()
     for extra in (plan, eq9):
         if all(c.key() != extra.key() for c in plans):
             plans.append(extra)

@@ -8,7 +8,7 @@ block pairing and regrouping of the block-wise methods in :mod:`.blockwise`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,6 +18,7 @@ from torch import nn
 from ..backbones import split_model
 from ..events import CancelToken, Emit
 from ..preprocessing import Preprocessing
+from ..profiling import RunProfile
 from ..selection import TaskSelection
 from ..targetnet import Branch, BranchSpec, TargetNet, TaskGroup
 from ..training import MetricsLog, StepLoop, UnlabeledImages, autocast, task_losses
@@ -44,6 +45,7 @@ class RunContext:
     evaluate: Callable[[Any], Any] | None  # TargetNet -> Evaluation, when a validation set is given
     method_id: str = ""
     output_dir: Path | None = None  # the run's folder (for by-products such as adaptive-ka's component nets)
+    profile: RunProfile = field(default_factory=RunProfile)  # where the run's time goes (report.json)
 
     def phase_seed(self, phase: int) -> int:
         """A seed per phase (block, fine-tuning...), so a resumed run repeats the same draws."""

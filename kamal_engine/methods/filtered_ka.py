@@ -48,6 +48,7 @@ Seeds (:meth:`~.common.RunContext.seeded`): block k is phase k, the fine-tuning 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -141,6 +142,8 @@ class FilteredKA:
         self.floors, self.priors = reference_losses(torch.cat(ctx.targets, 1), selection.tasks)
         self.probe = torch.randperm(len(ctx.images), generator=torch.Generator().manual_seed(ctx.seed)
                                     )[:p["diagnose_images"]]
+        self.cache: tuple[int, torch.Tensor] | None = None  # (block, F_u^{k-1} of every image): build_cache
+        self.cache_report: dict[str, str] = {}
 
     def batches(self, generator: torch.Generator):
         return self.ctx.images.batches(self.p["batch_size"], generator)
@@ -163,24 +166,62 @@ class FilteredKA:
                 probs.append(task_probabilities(net.head(f)[:, self.outputs_of[n]], self.tasks_of[n]))
         return (torch.cat(probs, 1) if need_targets else None), features
 
-    def student_feature(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """``F_u^k = T^k(F_u^{k-1})``, the earlier (frozen) blocks without gradients."""
+    def student_feature(self, k: int, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``F_u^k = T^k(F_u^{k-1})``, the earlier (frozen) blocks without gradients; their output comes from
+        the block's prefix cache when it holds images ``idx`` (:meth:`build_cache`)."""
         blocks = list(self.paired.student.blocks)
-        xs = self.ctx.student_preprocessing(x)
-        with torch.no_grad():
-            for block in blocks[:k - 1]:
-                xs = block(xs)
+        with self.ctx.profile.part(f"amalgamate {self.paired.names[k - 1]} frozen prefix"):
+            if idx is not None and self.cache is not None and self.cache[0] == k:
+                xs = self.cache[1][idx].to(self.device, non_blocking=True)
+            else:
+                xs = self.ctx.student_preprocessing(x)
+                with torch.no_grad():
+                    for block in blocks[:k - 1]:
+                        xs = block(xs)
         return blocks[k - 1](xs)
 
-    def forward_tasks(self, k: int, x: torch.Tensor, fk: dict[int, torch.nn.Module]) -> torch.Tensor:
+    def forward_tasks(self, k: int, x: torch.Tensor, fk: dict[int, torch.nn.Module],
+                      idx: torch.Tensor | None = None) -> torch.Tensor:
         """Per-task logits of Eq. 6: student block k entangled with every teacher through f_k^n."""
-        return self.paired.through_teachers(k, self.student_feature(k, x), fk)
+        feature = self.student_feature(k, x, idx)
+        with self.ctx.profile.part(f"amalgamate {self.paired.names[k - 1]} teachers' blocks"):
+            return self.paired.through_teachers(k, feature, fk)
+
+    @torch.no_grad()
+    def build_cache(self, k: int) -> None:
+        """The frozen prefix's output ``F_u^{k-1}`` of every unlabeled image, computed once for block k
+        (the earlier blocks are frozen and in eval mode, so it is the same at every step) when it fits in
+        ``cache_mb`` and the images are used as they are (no ``augment``); else none, and each step runs
+        the prefix. What was decided is in the report (``prefix_cache``)."""
+        self.cache = None
+        name, p = self.paired.names[k - 1], self.p
+        if k == 1:
+            return
+        needed = len(self.ctx.images) * math.prod(self.paired.student_shapes[k - 2]) * 4 / 2**20
+        if p["cache_mb"] <= 0 or p["augment"] != "none" or p["feature_weight"] > 0 or needed > p["cache_mb"]:
+            why = ("cache_mb = 0" if p["cache_mb"] <= 0 else "augment" if p["augment"] != "none" else
+                   "feature_weight" if p["feature_weight"] > 0 else f"needs {needed:.0f} MB > cache_mb")
+            self.cache_report[name] = f"off ({why})"
+            return
+        blocks = list(self.paired.student.blocks)[:k - 1]
+        set_mode([], blocks)
+        images, parts = self.ctx.images, []
+        with self.ctx.profile.part("prefix cache", len(images)):
+            for start in range(0, len(images), 128):
+                self.ctx.cancel.check()
+                with autocast(self.device, self.ctx.precision):
+                    xs = self.ctx.student_preprocessing(images.images[start:start + 128].to(self.device))
+                    for block in blocks:
+                        xs = block(xs)
+                parts.append(xs)
+        self.cache = (k, torch.cat(parts))
+        self.cache_report[name] = f"{needed:.0f} MB"
 
     def block_loss(self, k: int, fk: dict[int, torch.nn.Module], generator: torch.Generator) -> Loss:
         """Eq. 7 (+ λ·Eq. 5 when ``feature_weight`` > 0) for block k, on consistent views with ``augment``."""
         ctx, augment, weight = self.ctx, self.p["augment"], self.p["feature_weight"]
         if augment == "none" and weight == 0:
-            return lambda idx: ctx.soft_target_loss(lambda x: self.forward_tasks(k, x, fk), idx)
+            return lambda idx: ctx.soft_target_loss(lambda x: self.forward_tasks(k, x, fk, idx), idx)
 
         def loss(idx: torch.Tensor):
             with autocast(self.device, ctx.precision):
@@ -225,11 +266,11 @@ class FilteredKA:
         ctx, images = self.ctx, self.ctx.images
         set_mode([], [self.paired.student.blocks[k - 1], *fk.values()])
         sums = torch.zeros(len(self.selection.tasks))
-        with torch.no_grad():
+        with torch.inference_mode(), ctx.profile.part("converged loss", len(images)):
             for start in range(0, len(images), 128):
                 ctx.cancel.check()
                 idx = torch.arange(start, min(start + 128, len(images)))
-                sums += ctx.batch_losses(lambda x: self.forward_tasks(k, x, fk), idx).cpu() * len(idx)
+                sums += ctx.batch_losses(lambda x: self.forward_tasks(k, x, fk, idx), idx).cpu() * len(idx)
         return sums / len(images)
 
     def remaining(self, losses: torch.Tensor) -> float:
@@ -256,7 +297,9 @@ class FilteredKA:
         off the loop's total. Returns the filters, the converged losses, the rounds and the probe's view."""
         p, block = self.p, self.paired.student.blocks[k - 1]
         generator = self.ctx.seeded(k)
-        fk, before = self.new_filters(k)
+        with self.ctx.profile.part("diagnose"):
+            fk, before = self.new_filters(k)
+        self.build_cache(k)
         best, best_state, rounds = None, None, 0
         for r in range(1, p["max_rounds_per_block"] + 1):
             train_block(self.ctx, loop, self.paired.student, k, fk.values(), epochs=p["epochs_per_block"], steps_per_epoch=self.spe,
@@ -340,12 +383,15 @@ def run(ctx: RunContext) -> MethodResult:
         values = {t.name: float(v) for t, v in zip(ctx.selection.tasks, best)}
         for task, value in values.items():
             converged[task].append(value)
-        diagnosis["blocks"].append(ka.diagnose(k, fk, best, rounds, before))
+        with ctx.profile.part("diagnose"):
+            diagnosis["blocks"].append(ka.diagnose(k, fk, best, rounds, before))
         ctx.emit(BlockConverged(k, ka.paired.names[k - 1], values))
         ctx.emit(BlockDiagnosed(k, ka.paired.names[k - 1], diagnosis["blocks"][-1]["teachers"]))
         filters.update({(k, n): f for n, f in fk.items()})
         save_block(ctx, loop, k, converged, filters, skipped_steps=skipped, specs=ka.paired.specs, diagnosis=diagnosis)
+    ka.cache = None  # the fine-tuning trains every block: no prefix is frozen
     plan, report = ka.branch_plan(converged, filters, diagnosis)
+    report["prefix_cache"] = ka.cache_report
     net = regroup(ctx, loop, ka.paired, filters, plan, report, phase=ka.n_blocks + 1, steps_per_epoch=ka.spe,
                   batches=ka.batches, loss=ka.finetune_loss)
     return MethodResult(net, ctx.params["granularity"], report)
@@ -418,6 +464,9 @@ METHOD = MethodInfo(
               "('shift': ±4 pixels; 'shift+flip' adds horizontal flips; 'none': the images as they are, the "
               "teachers' predictions computed once)", choices=AUGMENTATIONS),
         *plan_params(1.0, "Eq. 9"),
+        Param("cache_mb", 1024, "memory (MB) for the output of the frozen earlier blocks on every unlabeled image, "
+              "computed once per block instead of at every step (the same numbers: those blocks are frozen); a "
+              "block whose cache would need more runs them at every step; 0: never cache", minimum=0),
         Param("diagnose_images", 512, "unlabeled images on which the features' relatedness (linear CKA) is measured "
               "and adapters are started", minimum=16),
         Param("warn_share", 0.9, "warn when the student reproduces less than this share of a teacher's knowledge at "

@@ -1,0 +1,127 @@
+"""A filtered-ka step against the sum of its irreducible parts, per block, on the demo (README "Measured").
+
+    python benchmarks/step_parts_demo.py [--workspace DIR] [--batch N] [--memory-format contiguous|channels_last]
+
+For student block k (the demo's teachers and a student started from teacher 1, batch 16, 56 px, CPU):
+the time of the engine's training step (``FilteredKA.block_loss`` with the prefix cache, then the backward
+pass and the SGD update, as ``sgd_epochs`` runs it) against the sum of the parts no implementation can
+skip: the block's own forward and backward on its (cached) input, each teacher's filter forward and
+backward, and each teacher's remaining blocks forward with the gradient to their input; the rest is the
+overhead (loss, bookkeeping, the update). Best of ``--repeat`` timings of 20 steps each. Writes
+``benchmarks/results/step_parts_demo.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kamal_engine import demo, layout  # noqa: E402
+from kamal_engine.events import CancelToken  # noqa: E402
+from kamal_engine.methods import get_method, resolve_params  # noqa: E402
+from kamal_engine.methods.common import RunContext  # noqa: E402
+from kamal_engine.methods.filtered_ka import FilteredKA  # noqa: E402
+from kamal_engine.recipe import load_recipe  # noqa: E402
+from kamal_engine.runner import build_student  # noqa: E402
+from kamal_engine.selection import TaskSelection  # noqa: E402
+from kamal_engine.training import UnlabeledImages, set_mode, teacher_targets  # noqa: E402
+
+
+def best_ms(fn, steps: int = 20, repeat: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", default="demo-workspace")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--images", type=int, default=512, help="unlabeled images loaded (the cache is of these)")
+    parser.add_argument("--memory-format", default="contiguous", choices=layout.LAYOUTS)
+    args = parser.parse_args()
+    workspace = Path(args.workspace).resolve()
+    if not demo.is_complete(workspace):
+        demo.build_demo(workspace, demo.DemoConfig(), log=print)
+    recipe = load_recipe(workspace / "recipes" / "filtered-ka.toml")
+    teachers = [entry.load() for entry in recipe.teachers]
+    selection = TaskSelection.build(teachers, [entry.select for entry in recipe.teachers])
+    student, arch, kwargs, preprocessing = build_student(recipe, selection)
+    for model in [student, *(t.model for t in teachers)]:
+        layout.apply(model, args.memory_format)
+    size = max(max(t.preprocessing.input_size) for t in teachers)
+    images = UnlabeledImages.from_folder(recipe.unlabeled, (size, size))
+    images.images = images.images[:args.images]
+    targets = teacher_targets(selection, images.images, torch.device("cpu"))
+    method = get_method("filtered-ka")
+    params = resolve_params(method, {}, lambda message, key: ValueError(f"{key}: {message}"))
+    params["batch_size"] = args.batch
+    ctx = RunContext(selection, student, arch, kwargs, preprocessing, images, targets, torch.device("cpu"), "fp32",
+                     params, 0, lambda event: None, CancelToken(), None, None, None, "filtered-ka")
+    ka = FilteredKA(ctx)
+    idx = torch.arange(args.batch)
+    rows = []
+    for k in range(1, ka.n_blocks + 1):
+        fk, _ = ka.new_filters(k)
+        ka.build_cache(k)
+        block = ka.paired.student.blocks[k - 1]
+        set_mode([block, *fk.values()], list(ka.paired.student.blocks)[:k - 1])
+        optimizer = ctx.sgd([q for m in [block, *fk.values()] for q in m.parameters()], 0.0)
+        loss = ka.block_loss(k, fk, torch.Generator().manual_seed(0))
+
+        def step():
+            value, _ = loss(idx)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+
+        x = ka.cache[1][idx] if ka.cache is not None else ctx.student_preprocessing(images.images[idx])
+        feature = block(x).detach()
+
+        def block_part():
+            block(x).float().sum().backward()
+
+        def filter_part():
+            f = feature.clone().requires_grad_(True)
+            sum(fk[n](f).float().sum() for n in ka.active).backward()
+
+        filtered = {n: fk[n](feature).detach() for n in ka.active}
+
+        def teacher_part():
+            for n in ka.active:
+                f = filtered[n].clone().requires_grad_(True)
+                ka.paired.teachers[n].forward_from(k, f).float().sum().backward()
+
+        parts = {"block": best_ms(block_part), "filters": best_ms(filter_part), "teachers": best_ms(teacher_part)}
+        total = best_ms(step)
+        rows.append({"block": ka.paired.names[k - 1], "step_ms": round(total, 2),
+                     **{f"{name}_ms": round(v, 2) for name, v in parts.items()},
+                     "irreducible_ms": round(sum(parts.values()), 2),
+                     "ratio": round(total / sum(parts.values()), 3)})
+        print(rows[-1], flush=True)
+    lines = [f"Made by `python benchmarks/step_parts_demo.py --memory-format {args.memory_format}` (batch {args.batch}, "
+             f"CPU, {torch.get_num_threads()} threads).", "",
+             "| block | step | block fwd+bwd | filters fwd+bwd | teachers' blocks fwd + input grad | irreducible sum "
+             "| step / irreducible |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['block']} | {r['step_ms']:.2f} ms | {r['block_ms']:.2f} | {r['filters_ms']:.2f} | "
+                     f"{r['teachers_ms']:.2f} | {r['irreducible_ms']:.2f} | **{r['ratio']:.2f}** |")
+    out = Path(__file__).parent / "results" / f"step_parts_demo_{args.memory_format}"
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
