@@ -138,10 +138,12 @@ def discard_unstarted(folder: Path) -> bool:
     """Remove what :func:`prepare_replan` wrote into ``folder`` when the replan was refused before it built a
     student (a budget no plan meets, a bad branch_at): only the files a replan writes, then the folder if
     that left it empty. Returns whether the folder is gone."""
-    from .runfolder import LOCK, MANIFEST
+    from .runfolder import LOCK, MANIFEST, lock_holder
 
-    if (folder / "student.kamal.pt").exists() or (folder / "report.json").exists():
-        return False
+    state = (read_run_checkpoint(folder / "checkpoints" / "last.pt") or {}).get("state") or {}
+    if (lock_holder(folder) is not None or "replanned_from" not in state or "finetuned" in state
+            or (folder / "student.kamal.pt").exists() or (folder / "report.json").exists()):
+        return False  # another run holds it, or it is no longer the replan prepare_replan wrote
     for name in ("checkpoints/last.pt", "metrics.csv", "recipe.toml", MANIFEST, LOCK):
         (folder / name).unlink(missing_ok=True)
     for path in (folder / "checkpoints", folder):

@@ -305,6 +305,7 @@ class RecipeRun:
         self.out = recipe.output_dir
         self.device: torch.device | None = None
         self.profile = RunProfile()  # report.json "profile": where the run's time went
+        self.layouts: dict[str, dict] = {}  # report.json "layout": each network's layout (choose_layouts)
 
     def execute(self, lock, folder, started: float) -> RunResult:
         """Inputs, training, the student file, its size and validation, the ONNX export, ``report.json``."""
@@ -322,7 +323,7 @@ class RecipeRun:
         with self.profile.part("sizes"):
             report = self.describe(inputs, result, student)
         if inputs.validation is not None:
-            with self.profile.part("evaluate", 0):
+            with self.profile.part("evaluate"):
                 report["validation"] = self.validate(inputs, student)
             if "coverage" in report:  # a data-free run: the rates its generated images are compared with
                 report["coverage"]["real"] = {label: rate for t in report["validation"]["teachers"].values()
@@ -449,7 +450,7 @@ class RecipeRun:
         used = [t.name for n, t in enumerate(teachers) if selection.covered_by(n)]
         covered = sum(sizes[name]["parameters"] for name in used)
         own = {"parameters": count_parameters(student.net), "flops": count_flops(student.net, inputs.preprocessing.input_size)}
-        report["layout"] = getattr(self, "layouts", {})
+        report["layout"] = self.layouts
         report["size"] = {"student": own, "teachers": sizes, "student_vs_teachers_parameters": own["parameters"] / covered,
                           "student_vs_teachers_flops": own["flops"] / max(1, sum(sizes[name]["flops"] for name in used))}
         origin = (self.checkpointer.load() or {}).get("replanned_from") if self.resume else None

@@ -8,6 +8,7 @@ block pairing and regrouping of the block-wise methods in :mod:`.blockwise`
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -110,13 +111,19 @@ class RunContext:
         return loss, loss_dict(loss, per_task, self.selection)
 
 
-def descend(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule=None) -> None:
-    """One optimiser step on ``loss`` (gradients cleared first), and one of the schedule."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if schedule is not None:
-        schedule.step()
+def descend(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule=None, profile: RunProfile | None = None,
+            label: str = "") -> None:
+    """One optimiser step on ``loss`` (gradients cleared first), and one of the schedule; with ``profile``
+    the backward pass and the update are timed as ``<label> backward`` and ``<label> update``."""
+    part = profile.part if profile is not None else (lambda name: nullcontext())
+    with part(f"{label} backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with part(f"{label} update"):
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from torch import nn
 from ..backbones.blocks import BlockNet
 from ..events import StageStarted
 from ..training import StepLoop, poly_schedule, set_mode
-from .common import RunContext
+from .common import RunContext, descend
 
 Loss = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]  # batch indices -> (loss, logged values)
 
@@ -64,15 +64,10 @@ def sgd_epochs(ctx: RunContext, loop: StepLoop, phase: Phase, batches: Callable[
     label = phase.stage if phase.name is None else f"{phase.stage} {phase.name}"
     profile = ctx.profile
 
-    def step(idx: torch.Tensor) -> dict[str, float]:  # descend(), its parts timed
+    def step(idx: torch.Tensor) -> dict[str, float]:
         with profile.part(f"{label} forward", len(idx)):
             value, logged = loss(idx)
-        with profile.part(f"{label} backward"):
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-        with profile.part(f"{label} update"):
-            optimizer.step()
-            schedule.step()
+        descend(value, optimizer, schedule, profile, label)
         return logged
 
     first = phase.epoch_offset + 1
