@@ -67,7 +67,8 @@ def _child_main(recipe, resume: bool, replace: bool, out, cancel_in) -> None:
     threading.Thread(target=watch, daemon=True, name="cancel-watch").start()
     try:
         result = run_recipe(recipe, resume=resume, restart=replace, replace=replace, emit=lambda e: send(("event", e)),
-                            cancel=token, command=f"KAmal Studio, the window of process {os.getppid()}")
+                            cancel=token, command=f"KAmal Studio, the window of process {os.getppid()}",
+                            nproc=recipe.nproc)  # "all N GPUs": this process is rank 0 of N
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the app
         send(("errored", _picklable(exc)))
     else:

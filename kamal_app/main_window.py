@@ -222,7 +222,11 @@ class MainWindow(QMainWindow):
             return
         key = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
         name = dict(available_devices()).get(key, key)
-        self.device_label.setText("Device: CPU" if key == "cpu" else f"Device: {key} · {name}")
+        text = "Device: CPU" if key == "cpu" else f"Device: {key} · {name}"
+        n = self.session.recipe.nproc
+        if n > 1:  # distributed data parallel
+            text = f"Device: CPU, {n} processes" if key == "cpu" else f"Device: all {n} GPUs · {name}"
+        self.device_label.setText(text)
 
     # --- teachers ---
     def add_teachers_dialog(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -361,9 +362,16 @@ def cmd_run(args) -> int:
         output = Path(args.output).resolve()
         recipe.onnx = follow_output_dir(recipe.onnx, recipe.output_dir, output)
         recipe.output_dir = output
+    if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a rank > 0 started by torchrun: it runs its share and writes nothing; rank 0 reports
+        run_recipe(recipe, resume=args.resume, restart=args.restart, replace=args.replace, command=args.command_line)
+        return 0
+    if args.nproc is not None and args.nproc < 1:
+        raise KamalError(f"--nproc must be 1 or more (got {args.nproc})")
+    nproc = recipe.nproc if args.nproc is None else args.nproc
     result = _interruptible(args, lambda emit, cancel: run_recipe(
         recipe, resume=args.resume, restart=args.restart, replace=args.replace, emit=emit, cancel=cancel,
-        command=args.command_line))
+        command=args.command_line, nproc=nproc))
     return 130 if result is None else print_run_summary(result, args)
 
 
@@ -542,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "run (moved to FOLDER.previous-TIMESTAMP, nothing is deleted). A folder holding files no run wrote "
                    "is always refused")
     p.add_argument("--output", metavar="DIR", help="output folder (overrides [run].output_dir)")
+    p.add_argument("--nproc", type=int, metavar="N", help="distributed data parallel on N processes of this machine "
+                   "(one GPU each on CUDA, gloo on the CPU; methods filtered-ka and kd); for several machines start it "
+                   "with torchrun instead (README, \"Several GPUs\"). Default: the recipe's [run] nproc, 1")
     p.add_argument("--json", action="store_true", help="print the report as JSON at the end (no progress output)")
     p.set_defaults(func=cmd_run)
 

@@ -30,3 +30,28 @@ def available_devices() -> list[tuple[str, str]]:
     if torch.cuda.is_available():
         devices += [(f"cuda:{i}", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
     return devices
+
+
+def device_choices(gpus: int | None = None) -> list[tuple[str, str]]:
+    """The app's device list: ``(key, text)`` for ``auto``, every device of :func:`available_devices`, and,
+    with more than one GPU, ``cuda*N``: all N GPUs, one process each (distributed data parallel). A key
+    is :func:`parse_device_choice`'s input; ``gpus`` overrides the count (for tests)."""
+    devices = available_devices()
+    count = torch.cuda.device_count() if gpus is None else gpus
+    choices = [("auto", "auto (CUDA when present, else the CPU)")]
+    choices += [(spec, name if spec == "cpu" else f"{spec} · {name}") for spec, name in devices]
+    if count > 1:
+        choices.append((device_choice_key("cuda", count), f"all {count} GPUs (distributed data parallel, one process "
+                                                          "each)"))
+    return choices
+
+
+def device_choice_key(device: str, nproc: int) -> str:
+    """The key of a recipe's ``[run] device`` and ``nproc``: the device, with ``*N`` for N processes."""
+    return device if nproc <= 1 else f"{device}*{nproc}"
+
+
+def parse_device_choice(key: str) -> tuple[str, int]:
+    """``(device, nproc)`` of a :func:`device_choice_key`."""
+    device, _, n = key.partition("*")
+    return device, int(n) if n else 1

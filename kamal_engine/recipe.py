@@ -97,6 +97,7 @@ class Recipe:
     seed: int = 0
     precision: str = "auto"
     memory_format: str = "contiguous"  # the networks' tensor layout in training (auto: measured per network)
+    nproc: int = 1  # processes of distributed data parallel on this machine (kamal_engine.distributed)
     # [[teachers]]
     teachers: list[TeacherEntry] = field(default_factory=list)
     # [student]
@@ -139,7 +140,8 @@ class Recipe:
         data: dict[str, Any] = {
             "run": clean({"name": self.name, "output_dir": self.output_dir, "device": self.device,
                           "seed": self.seed, "precision": self.precision,
-                          "memory_format": None if self.memory_format == "contiguous" else self.memory_format}),
+                          "memory_format": None if self.memory_format == "contiguous" else self.memory_format,
+                          "nproc": None if self.nproc == 1 else self.nproc}),
             "teachers": [clean({"checkpoint": t.checkpoint, "name": t.name, "arch": t.arch,
                                 "arch_kwargs": t.arch_kwargs, "labels_file": t.labels_file, "labels": t.labels,
                                 "task": t.task, "input_size": t.input_size, "mean": t.mean, "std": t.std,
@@ -199,7 +201,7 @@ def _is_triple(v):
 
 
 SECTIONS = {
-    "run": {"name", "output_dir", "device", "seed", "precision", "memory_format"},
+    "run": {"name", "output_dir", "device", "seed", "precision", "memory_format", "nproc"},
     "teachers": {"checkpoint", "select", "name", "arch", "arch_kwargs", "labels_file", "labels", "task",
                  "input_size", "mean", "std", "trust"},
     "student": {"arch", "arch_kwargs", "init", "teacher", "checkpoint"},
@@ -275,6 +277,8 @@ class _Parser:
                                  "run", "precision")
         r.memory_format = self.check(run.get("memory_format", "contiguous"), lambda v: v in MEMORY_FORMATS,
                                      " or ".join(MEMORY_FORMATS), "run", "memory_format")
+        r.nproc = self.check(run.get("nproc", 1), lambda v: _is_int(v) and v >= 1, "an integer of 1 or more (the "
+                             "processes of a distributed run; 1: one process)", "run", "nproc")
 
     def teachers(self, teachers: list) -> None:
         if not teachers:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, layout
+from . import __version__, distributed, layout
 from .backbones import build_model
 from .checkpoints import atomic_write
 from .data import read_labelled
@@ -49,16 +49,18 @@ from .training import MetricsLog, UnlabeledImages, teacher_targets
 class Checkpointer:
     """``checkpoints/last.pt``: plain data (``weights_only``-loadable), written atomically."""
 
-    def __init__(self, path: Path, method: str, fingerprint: dict[str, Any] | None = None):
+    def __init__(self, path: Path, method: str, fingerprint: dict[str, Any] | None = None, write: bool = True):
         self.path, self.method = path, method
+        self.write = write  # False on the ranks > 0 of a distributed run: the state is kept, never written
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self.extra: dict[str, Any] = {}  # the runner's own part of every state saved (the networks' layout)
         self._state: dict[str, Any] | None = None
         self._file: dict[str, Any] | None = None
 
     def _read(self) -> dict[str, Any] | None:
-        """The checkpoint file's contents, read once."""
-        if self._file is None and self.path.exists():
+        """The checkpoint file's contents, read once (never on a rank that does not write: it gets rank 0's
+        state, :meth:`adopt`)."""
+        if self._file is None and self.write and self.path.exists():
             self._file = torch.load(self.path, map_location="cpu", weights_only=True)
         return self._file
 
@@ -75,6 +77,10 @@ class Checkpointer:
             self._state = data["state"]
         return self._state
 
+    def adopt(self, state: dict[str, Any] | None) -> None:
+        """The state rank 0 loaded, on another rank of a distributed run (which may be on another machine)."""
+        self._state = state
+
     def save(self, state: dict[str, Any], finished: bool = False) -> None:
         """Write ``state`` atomically; weights that turned NaN/Inf are never saved over the last good ones."""
         state = {**state, **self.extra}
@@ -86,7 +92,8 @@ class Checkpointer:
         self._state = state
         data = {"format": CHECKPOINT_FORMAT, "method": self.method, "finished": finished, "state": state,
                 "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
-        atomic_write(self.path, lambda tmp: torch.save(data, tmp))
+        if self.write:
+            atomic_write(self.path, lambda tmp: torch.save(data, tmp))
 
     def mark_finished(self) -> None:
         if self.load() is not None:
@@ -163,11 +170,14 @@ def _clean(value):
 
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, replace: bool = False,
-               emit: Emit | None = None, cancel: CancelToken | None = None, command: str | None = None) -> RunResult:
+               emit: Emit | None = None, cancel: CancelToken | None = None, command: str | None = None,
+               nproc: int = 1) -> RunResult:
     """Run ``recipe``; report through ``emit``; stop between steps once ``cancel`` is set.
 
     ``command`` says who runs it, for a second run refused on the folder (default: this process's
-    command line).
+    command line). ``nproc`` > 1: distributed data parallel on that many processes of this machine,
+    this one rank 0 (:mod:`~kamal_engine.distributed`); started by torchrun, each rank calls this
+    with ``nproc=1`` and the process group comes from the environment.
 
     A fresh run (not ``resume``) starts only in a folder of its own (:mod:`~kamal_engine.runfolder`):
     ``restart`` moves an unfinished run there aside, ``replace`` a finished one; a folder with files
@@ -178,6 +188,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, r
     """
     emit = emit or (lambda event: None)
     cancel = cancel or CancelToken()
+    if nproc > 1 and not distributed.current().distributed:
+        return _run_ranks(recipe, nproc, resume=resume, restart=restart, replace=replace, emit=emit, cancel=cancel,
+                          command=command)
     try:
         try:
             return _run(recipe, resume, restart, replace, emit, cancel, command)
@@ -200,6 +213,35 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, restart: bool = False, r
     except Exception as exc:
         emit(Failed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise
+
+
+def _run_ranks(recipe: Recipe, nproc: int, **options) -> RunResult:
+    """:func:`run_recipe` as rank 0 of ``nproc`` processes (:func:`~kamal_engine.distributed.start_ranks`);
+    the other ranks are waited for, or stopped when this one fails or is cancelled."""
+    method = get_method(recipe.method)
+    if not method.distributed:
+        raise recipe.error(f"method '{method.id}' runs in one process only (the distributed runs are those of "
+                           f"{', '.join(distributed_methods())}); run it without --nproc", "method", "id")
+    payload = {"recipe": recipe, **{k: options[k] for k in ("resume", "restart", "replace", "command")}}
+    ranks = distributed.start_ranks(nproc, payload, recipe.device)
+    ok = False
+    try:
+        result = run_recipe(recipe, **options)
+        ok = True
+        return result
+    finally:
+        codes = ranks.finish(ok)
+        distributed.leave()
+        failed = [(rank, code) for rank, code in enumerate(codes, 1) if code]
+        if ok and failed:
+            raise KamalError(f"the run in {recipe.output_dir} finished on process 0, but process {failed[0][0]} of "
+                             f"{nproc} ended with exit code {failed[0][1]} (its error is printed above)")
+
+
+def distributed_methods() -> list[str]:
+    from .methods import MODULES
+
+    return [m for m in MODULES if get_method(m).distributed]
 
 
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -255,18 +297,34 @@ def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit,
         raise recipe.error(f"method '{method.id}' works in {method.mode} mode but [data].mode is '{recipe.mode}'",
                            "method", "id")
     params = resolve_params(method, recipe.params, lambda message, key: recipe.error(message, "method", key))
-    checkpointer = Checkpointer(recipe.output_dir / "checkpoints" / "last.pt", method.id, fingerprint(recipe, params))
-    if resume and not checkpointer.path.exists():
+    world = distributed.join(recipe.device)  # torchrun's ranks, or those of _run_ranks; one process otherwise
+    if world.distributed and not method.distributed:
+        raise recipe.error(f"method '{method.id}' runs in one process only (the distributed runs are those of "
+                           f"{', '.join(distributed_methods())}); start it without torchrun or --nproc", "method", "id")
+    checkpointer = Checkpointer(recipe.output_dir / "checkpoints" / "last.pt", method.id, fingerprint(recipe, params),
+                                write=world.main)
+    if resume and world.main and not checkpointer.path.exists():
         raise KamalError(f"there is no checkpoint to resume from in {recipe.output_dir} (no block of a run there has "
                          "finished); start over with --restart instead of --resume")
     # one run per folder; a fresh run is refused early by the folder rule, and claims the folder (moving an
     # earlier run aside) only once the recipe's inputs have loaded
-    lock, folder = lock_run_folder(recipe.output_dir, resume=resume, restart=restart, replace=replace, command=command)
+    if world.main:
+        lock, folder = lock_run_folder(recipe.output_dir, resume=resume, restart=restart, replace=replace,
+                                       command=command)
+    else:  # the other ranks of a distributed run write nothing: rank 0 holds the folder
+        lock, folder = _NoLock(), None
     try:
-        run = RecipeRun(recipe, method, params, checkpointer, resume, emit, cancel)
+        run = RecipeRun(recipe, method, params, checkpointer, resume, emit, cancel, world)
         return run.execute(lock, folder, started)
     finally:
         lock.release()
+
+
+class _NoLock:
+    stale = None
+
+    def release(self) -> None:
+        pass
 
 
 def fingerprint(recipe: Recipe, params: dict[str, Any]) -> dict[str, Any]:
@@ -299,9 +357,10 @@ class RecipeRun:
     """One run of a recipe in its locked output folder: the pipeline's steps, in order (:meth:`execute`)."""
 
     def __init__(self, recipe: Recipe, method, params: dict[str, Any], checkpointer: Checkpointer, resume: bool,
-                 emit: Emit, cancel: CancelToken):
+                 emit: Emit, cancel: CancelToken, world: distributed.World = distributed.SINGLE):
         self.recipe, self.method, self.params, self.checkpointer = recipe, method, params, checkpointer
         self.resume, self.emit, self.cancel = resume, emit, cancel
+        self.world = world  # a distributed run's processes; only rank 0 writes and evaluates
         self.out = recipe.output_dir
         self.device: torch.device | None = None
         self.profile = RunProfile()  # report.json "profile": where the run's time went
@@ -309,15 +368,23 @@ class RecipeRun:
 
     def execute(self, lock, folder, started: float) -> RunResult:
         """Inputs, training, the student file, its size and validation, the ONNX export, ``report.json``."""
-        remove_partial_writes(self.out)  # a killed run's half-written temporary files (never the files they replace)
-        resumed = self.checkpointer.load() if self.resume else None
+        if self.world.main:  # a killed run's half-written temporary files (never the files they replace)
+            remove_partial_writes(self.out)
+        resumed = self.checkpointer.load() if self.resume and self.world.main else None
+        if self.resume and self.world.distributed:  # rank 0's checkpoint, also on ranks of other machines
+            resumed = self.world.from_main(resumed)
+            self.checkpointer.adopt(resumed)
         seed_everything(self.recipe.seed)
         self.device = resolve_device(self.recipe.device)
+        if self.world.backend == "nccl":  # one GPU per rank
+            self.device = torch.device("cuda", self.world.local_rank)
         inputs = self.load_inputs(lock, folder, resumed)
         result = self.train(inputs, resumed)
         net = layout.apply(result.net.cpu(), "contiguous")  # the student file in the default layout
         student = Student(net, inputs.preprocessing, inputs.arch, inputs.arch_kwargs, result.granularity, self.method.id,
                           info={"recipe": self.recipe.name, "seed": self.recipe.seed})
+        if not self.world.main:  # rank 0 saves, evaluates, exports and reports
+            return RunResult(self.out, student, {})
         with self.profile.part("save student"):
             student.save(self.out / "student.kamal.pt")
         with self.profile.part("sizes"):
@@ -345,7 +412,9 @@ class RecipeRun:
         teachers = [entry.load() for entry in recipe.teachers]
         selection = TaskSelection.build(teachers, [entry.select for entry in recipe.teachers], shared=method.shared_labels)
         model, arch, kwargs, preprocessing = build_student(recipe, selection)
-        self.claim(lock, folder, resumed)
+        if self.world.main:
+            self.claim(lock, folder, resumed)
+        self.world.barrier()  # the other ranks read nothing of the folder before rank 0 has claimed it
         validation = read_labelled(recipe.validation) if recipe.validation else None  # refused before training
         images, targets = None, None
         if recipe.unlabeled:  # data mode; a data-free run has no images to load or predict on
@@ -393,15 +462,19 @@ class RecipeRun:
             return evaluate_student(student, inputs.validation, self.device)
 
         self.layouts = self.choose_layouts(inputs, resumed)
-        metrics = MetricsLog(self.out / "metrics.csv", keep_until_step=resumed.get("step", 0) if resumed else None)
+        main = self.world.main
+        metrics = MetricsLog(self.out / "metrics.csv" if main else None,
+                             keep_until_step=resumed.get("step", 0) if resumed else None)
+        if inputs.images is not None:
+            inputs.images.world = self.world
         if metrics.kept:  # resumed: the plots get the finished part of the run too
             self.emit(LossHistory(metrics.history()))
         try:
             ctx = RunContext(inputs.selection, inputs.student, inputs.arch, inputs.arch_kwargs, inputs.preprocessing,
                              inputs.images, inputs.targets, self.device, self.recipe.precision, self.params,
                              self.recipe.seed, self.emit, self.cancel, metrics, self.checkpointer,
-                             evaluate_net if inputs.validation is not None else None, self.method.id, self.out,
-                             self.profile)
+                             evaluate_net if inputs.validation is not None and main else None, self.method.id,
+                             self.out, self.profile, self.world)
             return self.method.run(ctx)
         finally:
             metrics.close()
@@ -425,9 +498,11 @@ class RecipeRun:
                 else:
                     times = layout.measure(model, batch, size, self.device, teacher=teacher)
                     chosen = layout.choose(times)
-                layout.apply(model, chosen)
                 out[name] = {"layout": chosen, **({"ms": {k: round(v * 1000, 2) for k, v in times.items()}}
                                                  if times else {})}
+            out = self.world.from_main(out)  # distributed: rank 0's measurement decides for every rank
+            for name, model, _, _ in nets:
+                layout.apply(model, out[name]["layout"])
         self.checkpointer.extra["layout"] = {name: v["layout"] for name, v in out.items()}
         return out
 

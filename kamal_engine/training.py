@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from torch import nn
 
 from .checkpoints import atomic_write
 from .data import list_images, load_image
+from .distributed import SINGLE
 from .errors import DataError, DivergedError, KamalError
 from .events import CancelToken, Emit, StepLosses
 from .selection import Task, TaskSelection
@@ -40,6 +42,7 @@ class UnlabeledImages:
         self.images = images
         self.paths = list(paths or [])
         self.damaged = list(damaged)
+        self.world = SINGLE  # a distributed run's: each rank gets its share of every epoch (:meth:`batches`)
 
     @classmethod
     def from_folder(cls, folder, size: Sequence[int], progress: Callable[[int, int], None] | None = None,
@@ -79,12 +82,23 @@ class UnlabeledImages:
         return len(self.images)
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """Index batches of one shuffled epoch (the last, smaller batch is dropped if it has < 2 images)."""
+        """Index batches of one shuffled epoch (the last, smaller batch is dropped if it has < 2 images);
+        in a distributed run this rank's part of each (:meth:`~kamal_engine.distributed.World.batches`)."""
+        if self.world.distributed:
+            yield from self.world.batches(len(self), batch_size, generator)
+            return
         order = torch.randperm(len(self), generator=generator)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             if len(idx) >= 2:
                 yield idx
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """The number of batches :meth:`batches` gives an epoch (on every rank alike)."""
+        if self.world.distributed:
+            return self.world.steps_per_epoch(len(self), batch_size)
+        full, rest = divmod(len(self), batch_size)
+        return full + (1 if rest >= 2 else 0)
 
 
 @torch.no_grad()
@@ -174,15 +188,18 @@ class MetricsLog:
 
     FIELDS = ["step", "stage", "block", "epoch", "teacher", "task", "name", "value"]
 
-    def __init__(self, path: Path, keep_until_step: int | None = None):
-        """A new log at ``path``; or, resuming, the rows up to ``keep_until_step`` kept and appended to.
+    def __init__(self, path: Path | None, keep_until_step: int | None = None):
+        """A new log at ``path``; or, resuming, the rows up to ``keep_until_step`` kept and appended to;
+        ``None``: rows are discarded (the ranks > 0 of a distributed run, which write nothing).
 
         A run appends rows as it goes; a killed run may leave a torn last row, which resuming drops:
         the kept rows are first rewritten atomically, so a kill at any moment loses no finished row.
         """
         self.path = path
         rows = []
-        if keep_until_step is not None and path.exists():  # resuming: drop what came after the checkpoint
+        if path is None:
+            self.file = open(os.devnull, "w", newline="")
+        elif keep_until_step is not None and path.exists():  # resuming: drop what came after the checkpoint
             rows = [r for r in self.read(path) if int(r["step"]) <= keep_until_step]
             atomic_write(path, lambda tmp: self._write_all(tmp, rows))
             self.file = open(path, "a", newline="")
@@ -258,8 +275,9 @@ class StepLoop:
     """Runs step functions, reporting losses, throughput and ETA, and honouring cancellation."""
 
     def __init__(self, emit: Emit, cancel: CancelToken, metrics: MetricsLog, total_steps: int, start_step: int,
-                 teacher_of: Callable[[str], tuple[str, str]]):
+                 teacher_of: Callable[[str], tuple[str, str]], ranks: int = 1):
         self.emit, self.cancel, self.metrics = emit, cancel, metrics
+        self.ranks = ranks  # a distributed run's processes: a step of this one sees 1/ranks of the images
         self.state = LoopState(step=start_step, total_steps=total_steps, started=time.monotonic())
         self.start_step = start_step
         self.teacher_of = teacher_of
@@ -276,7 +294,7 @@ class StepLoop:
                 raise diverged(losses, stage, block, self.state.step + 1)
             s = self.state
             s.step += 1
-            s.images_seen += len(idx)
+            s.images_seen += len(idx) * self.ranks
             count += 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v

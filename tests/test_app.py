@@ -888,3 +888,26 @@ def test_the_plan_chart_front_and_the_mapping_editor():
     edit.setText("one")  # malformed: the last good value comes back
     edit.editingFinished.emit()
     assert edit.text() == "one=b2, eight=b4" and len(changed) == 1
+
+
+def test_with_several_gpus_the_device_list_offers_all_of_them_as_one_distributed_run(qtbot, tmp_path, quick_demo,
+                                                                                       monkeypatch, recipe_factory):
+    from kamal_app.pages import data_method
+    from kamal_engine.devices import device_choices
+
+    monkeypatch.setattr(data_method, "device_choices", lambda: device_choices(gpus=2))  # a machine with 2 GPUs
+    w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w, before_close_func=lambda widget: widget.setWindowModified(False))
+    root, _ = quick_demo
+    assert w.open_recipe(root / "recipes" / "filtered-ka.toml")
+    combo = w.data_page.device
+    combo.setCurrentIndex(combo.findData("cuda*2"))
+    assert combo.currentText().startswith("all 2 GPUs")
+    assert (w.session.recipe.device, w.session.recipe.nproc) == ("cuda", 2)
+    combo.setCurrentIndex(combo.findData("cpu"))
+    assert (w.session.recipe.device, w.session.recipe.nproc) == ("cpu", 1)
+    cpu_two = recipe_factory(root / "recipes" / "filtered-ka.toml", run={"device": "cpu", "nproc": 2,
+                                                                        "output_dir": tmp_path / "run"})
+    assert w.open_recipe(cpu_two)
+    assert combo.currentText() == "CPU, 2 processes (distributed data parallel)"
+    assert w.device_label.text() == "Device: CPU, 2 processes"

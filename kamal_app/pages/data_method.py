@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFileDialog, 
 
 from kamal_engine.backbones import ARCHITECTURES
 from kamal_engine.data import list_images
-from kamal_engine.devices import available_devices
+from kamal_engine.devices import device_choice_key, device_choices, parse_device_choice
 from kamal_engine.errors import KamalError
 from kamal_engine.methods import Param, get_method
 
@@ -185,9 +185,10 @@ class DataMethodPage(QWidget):
         self.student_init.currentIndexChanged.connect(self._run_changed)
         form.addRow("Student starts from", self.student_init)
         self.device = QComboBox()
-        self.device.addItem("auto (CUDA when present, else the CPU)", "auto")
-        for spec, name in available_devices():
-            self.device.addItem(name if spec == "cpu" else f"{spec} · {name}", spec)
+        for key, text in device_choices():
+            self.device.addItem(text, key)
+        self.device.setToolTip("Where the run trains; with several GPUs, 'all N GPUs' runs one process per GPU "
+                               "(distributed data parallel, as kamal run --nproc N)")
         self.device.currentIndexChanged.connect(self._run_changed)
         form.addRow("Device", self.device)
         self.seed = QSpinBox()
@@ -260,9 +261,14 @@ class DataMethodPage(QWidget):
             self.student_init.addItem("weights from a file…", "browse")
             wanted = f"teacher:{r.student_teacher}" if r.student_init == "teacher" else r.student_init
             self.student_init.setCurrentIndex(max(0, self.student_init.findData(wanted)))
-            index = self.device.findData(r.device)
+            key = device_choice_key(r.device, r.nproc)
+            index = self.device.findData(key)
             if index < 0:  # e.g. a recipe for cuda:1 opened on a machine without it: show it anyway
-                self.device.addItem(f"{r.device} (not available here)", r.device)
+                if r.device == "cpu" and r.nproc > 1:  # a recipe's CPU processes (kamal run --nproc on the CPU)
+                    self.device.addItem(f"CPU, {r.nproc} processes (distributed data parallel)", key)
+                else:
+                    shown = r.device if r.nproc == 1 else f"{r.device}, {r.nproc} processes"
+                    self.device.addItem(f"{shown} (not available here)", key)
                 index = self.device.count() - 1
             self.device.setCurrentIndex(index)
             self.seed.setValue(r.seed)
@@ -399,9 +405,10 @@ class DataMethodPage(QWidget):
                 self.refresh()  # the combo shows the previous choice again
                 return
             init, teacher, checkpoint = "checkpoint", r.student_teacher, Path(chosen).resolve()
+        device, nproc = parse_device_choice(self.device.currentData())
         s.edit(name=self.run_name.text().strip() or r.name, student_arch=self.student_arch.currentData(),
                student_init=init, student_teacher=teacher, student_checkpoint=checkpoint,
-               device=self.device.currentData(), seed=self.seed.value())
+               device=device, nproc=nproc, seed=self.seed.value())
         out = self.output.path()
         s.set_output_dir(out.resolve() if out else None)
         if browsed:

@@ -66,6 +66,7 @@ class MethodInfo:
     branches: bool = False  # the TargetNet branches out per task at the block of least converged loss
     soft_targets: bool = True  # data mode: uses the teachers' predictions computed once before training
     renamed: dict[str, str] = field(default_factory=dict)  # a parameter's earlier name -> its name now
+    distributed: bool = False  # runs on several processes (kamal run --nproc, torchrun; kamal_engine.distributed)
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}

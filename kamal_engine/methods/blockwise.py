@@ -265,7 +265,7 @@ def plan_branches(ctx: RunContext, paired: PairedBlocks, filters: dict, converge
         "parameters": plan.parameters, "teachers_parameters": total, "chosen": rows[measured.chosen],
         "front": measured.front, "plans": rows,
     }
-    return dict(plan.blocks)
+    return ctx.world.from_main(dict(plan.blocks))  # distributed: rank 0's plan, which alone saw the AP by block
 
 
 def plan_named(blocks: dict[str, int], names) -> dict[str, str]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..backbones import split_model
+from ..distributed import SINGLE, World
 from ..events import CancelToken, Emit
 from ..preprocessing import Preprocessing
 from ..profiling import RunProfile
@@ -47,6 +48,7 @@ class RunContext:
     method_id: str = ""
     output_dir: Path | None = None  # the run's folder (for by-products such as adaptive-ka's component nets)
     profile: RunProfile = field(default_factory=RunProfile)  # where the run's time goes (report.json)
+    world: World = SINGLE  # a distributed run's processes (:mod:`kamal_engine.distributed`)
 
     def phase_seed(self, phase: int) -> int:
         """A seed per phase (block, fine-tuning...), so a resumed run repeats the same draws."""
@@ -86,7 +88,8 @@ class RunContext:
                 return task_teacher[key], key.split(":", 1)[1]
             return "", ""
 
-        return StepLoop(self.emit, self.cancel, self.metrics, total_steps, self.saved().get("step", 0), teacher_of)
+        return StepLoop(self.emit, self.cancel, self.metrics, total_steps, self.saved().get("step", 0), teacher_of,
+                        self.world.size)
 
     def all_targets(self, idx: torch.Tensor) -> torch.Tensor:
         """Soft targets of every selected output, in the student's label order, for images ``idx``."""

@@ -61,7 +61,7 @@ from ..training import AUGMENTATIONS, StepLoop, autocast, consistent_views, set_
 from . import MethodInfo, MethodResult, Param
 from .blockwise import (PairedBlocks, check_budget, pair_blocks, plan_branches, plan_params, regroup, resume_blocks,
                         save_block)
-from .common import RunContext, loss_dict, sgd_params, steps_per_epoch
+from .common import RunContext, loss_dict, sgd_params
 from .phases import Loss, train_block
 
 
@@ -132,7 +132,7 @@ class FilteredKA:
         self.active, self.outputs_of = self.paired.active, self.paired.outputs
         self.tasks_of = {n: selection.tasks_of(n) for n in self.active}
         self.task_index = {n: [i for i, t in enumerate(selection.tasks) if t.teacher == n] for n in self.active}
-        self.spe = steps_per_epoch(len(ctx.images), p["batch_size"])
+        self.spe = ctx.images.steps_per_epoch(p["batch_size"])
         self.round_steps = p["epochs_per_block"] * self.spe
         self.total = self.n_blocks * p["max_rounds_per_block"] * self.round_steps + p["finetune_epochs"] * self.spe
         ctx.student.to(self.device)
@@ -262,16 +262,18 @@ class FilteredKA:
         return loss
 
     def converged_losses(self, k: int, fk) -> torch.Tensor:
-        """Eq. 7's per-task loss with the block's current weights, eval mode, the whole unlabeled set."""
+        """Eq. 7's per-task loss with the block's current weights, eval mode, the whole unlabeled set (in a
+        distributed run each rank takes its share and the sums are added up)."""
         ctx, images = self.ctx, self.ctx.images
         set_mode([], [self.paired.student.blocks[k - 1], *fk.values()])
         sums = torch.zeros(len(self.selection.tasks))
+        share = ctx.world.share(len(images))
         with torch.inference_mode(), ctx.profile.part("converged loss", len(images)):
-            for start in range(0, len(images), 128):
+            for start in range(share.start, share.stop, 128):
                 ctx.cancel.check()
-                idx = torch.arange(start, min(start + 128, len(images)))
+                idx = torch.arange(start, min(start + 128, share.stop))
                 sums += ctx.batch_losses(lambda x: self.forward_tasks(k, x, fk, idx), idx).cpu() * len(idx)
-        return sums / len(images)
+        return ctx.world.sum(sums) / len(images)
 
     def remaining(self, losses: torch.Tensor) -> float:
         """Mean over the tasks of 1 − the knowledge share the converged ``losses`` reach."""
@@ -478,4 +480,5 @@ METHOD = MethodInfo(
     run=run,
     branches=True,
     renamed={"max_size": "max_params"},
+    distributed=True,
 )

@@ -13,7 +13,7 @@ is phase e.
 from __future__ import annotations
 
 from . import MethodInfo, MethodResult, Param
-from .common import RunContext, sgd_params, steps_per_epoch, whole_student
+from .common import RunContext, sgd_params, whole_student
 from .phases import Phase, sgd_epochs
 
 
@@ -23,7 +23,7 @@ def run(ctx: RunContext) -> MethodResult:
     target = whole_student(ctx).to(ctx.device)
     if saved.get("epochs_done"):
         target.load_state_dict(saved["targetnet"])
-    spe = steps_per_epoch(len(ctx.images), p["batch_size"])
+    spe = ctx.images.steps_per_epoch(p["batch_size"])
     loop = ctx.loop(p["epochs"] * spe)
     teachers = [t.model for t in ctx.selection.teachers]
     sgd_epochs(ctx, loop, Phase("train", [target], teachers, p["lr"], p["epochs"], spe, blocks=len(target.trunk)),
@@ -46,4 +46,5 @@ METHOD = MethodInfo(
         *sgd_params(batch_size=16, weight_decay=5e-3),
     ),
     run=run,
+    distributed=True,
 )

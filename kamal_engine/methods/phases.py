@@ -62,17 +62,19 @@ def sgd_epochs(ctx: RunContext, loop: StepLoop, phase: Phase, batches: Callable[
         schedule.load_state_dict(resume["schedule"])
 
     label = phase.stage if phase.name is None else f"{phase.stage} {phase.name}"
-    profile = ctx.profile
+    profile, world = ctx.profile, ctx.world
+    objective = world.objective(phase.trainable, loss)  # distributed: gradients averaged over the ranks (DDP)
 
     def step(idx: torch.Tensor) -> dict[str, float]:
         with profile.part(f"{label} forward", len(idx)):
-            value, logged = loss(idx)
+            value, logged = objective(idx)
         descend(value, optimizer, schedule, profile, label)
-        return logged
+        return world.average(logged)
 
     first = phase.epoch_offset + 1
     for epoch in range(first + done, first + phase.epochs):
         loop.run_epoch(iter(batches(epoch)), step, phase.stage, phase.block, epoch)
+        world.settle(phase.trainable)  # every rank with rank 0's batch-norm statistics, as the checkpoint
         if after_epoch is not None:
             after_epoch(epoch, {"epochs_done": epoch - phase.epoch_offset, "optimizer": optimizer.state_dict(),
                                 "schedule": schedule.state_dict()})
