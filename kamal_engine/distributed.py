@@ -2,7 +2,7 @@
 
 ``kamal run RECIPE --nproc N`` (and the app's "all N GPUs") run :func:`run_recipe
 <kamal_engine.runner.run_recipe>` with ``nproc=N``: the calling process becomes rank 0 and starts
-ranks 1..N-1 (:func:`start_ranks`), each a ``python -m kamal_engine.distributed`` worker that gets
+ranks 1..N-1 (:func:`start_ranks`), each a ``python -m kamal_engine.rank_worker`` process that gets
 the recipe on its standard input. ``torchrun --nproc-per-node N -m kamal_engine.cli run RECIPE``
 starts the same ranks itself (on one node or across nodes with its rendezvous); the runner joins
 the process group from torchrun's environment (:func:`join`).
@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
@@ -256,48 +255,10 @@ def start_ranks(nproc: int, payload: dict[str, Any], device_request: str) -> Ran
     procs = []
     for rank in range(1, nproc):
         env = {**os.environ, **common, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        proc = subprocess.Popen([sys.executable, "-m", "kamal_engine.distributed", str(os.getpid())],
+        proc = subprocess.Popen([sys.executable, "-m", "kamal_engine.rank_worker", str(os.getpid())],
                                 stdin=subprocess.PIPE, env=env)
         proc.stdin.write(blob)
         proc.stdin.close()
         procs.append(proc)
     os.environ.update({**common, "RANK": "0", "LOCAL_RANK": "0"})
     return Ranks(procs, saved)
-
-
-def _die_with(parent: int) -> None:
-    """Tie this worker to rank 0's process ``parent``: Ctrl-C is rank 0's to act on (it stops the others),
-    and on Linux the worker gets SIGKILL the moment rank 0 dies (killed with -9, crashed); it never lingers."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # rank 0 died before the tie was made
-        os._exit(1)
-
-
-def worker_main(parent: int) -> int:
-    """A rank > 0 started by :func:`start_ranks`: the run of the payload, writing nothing; its exit status."""
-    _die_with(parent)
-    from .events import RunCancelled
-    from .runner import run_recipe
-
-    payload = pickle.loads(sys.stdin.buffer.read())
-    rank = os.environ.get("RANK", "?")
-    try:
-        run_recipe(payload["recipe"], resume=payload["resume"], restart=payload["restart"],
-                   replace=payload["replace"], command=payload.get("command"))
-    except RunCancelled:
-        return 130
-    except KamalError as exc:
-        print(f"kamal (process {rank}): error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    finally:
-        leave()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(int(sys.argv[1])))

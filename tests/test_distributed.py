@@ -145,12 +145,12 @@ def test_a_killed_two_process_run_leaves_no_process_behind_and_resume_finishes_i
     while not (out / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # into block 2
-    workers = subprocess.run(["pgrep", "-f", f"kamal_engine.distributed {proc.pid}"], capture_output=True, text=True)
+    workers = subprocess.run(["pgrep", "-f", f"kamal_engine.rank_worker {proc.pid}"], capture_output=True, text=True)
     assert workers.stdout.split(), "rank 1 was not running"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     for _ in range(100):  # rank 1 follows rank 0 (it gets SIGKILL when its parent dies)
-        if not subprocess.run(["pgrep", "-f", f"kamal_engine.distributed {proc.pid}"], capture_output=True).stdout:
+        if not subprocess.run(["pgrep", "-f", f"kamal_engine.rank_worker {proc.pid}"], capture_output=True).stdout:
             break
         time.sleep(0.1)
     else:
