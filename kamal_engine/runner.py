@@ -42,7 +42,7 @@ from .runfolder import (CHECKPOINT_FORMAT, holder_text, inspect_run_folder, lock
 from .selection import TaskSelection
 from .targetnet import Student
 from .teacher import load_pretrained
-from .training import MetricsLog, UnlabeledImages, teacher_targets
+from .training import MetricsLog, UnlabeledImages, effective_precision, teacher_targets
 
 
 
@@ -511,6 +511,7 @@ class RecipeRun:
         teachers, selection, images = inputs.teachers, inputs.selection, inputs.images
         report: dict[str, Any] = {
             "engine_version": __version__, "method": self.method.id, "params": self.params, "device": str(self.device),
+            "precision": effective_precision(self.device, self.recipe.precision),
             "labels": selection.labels,
             "tasks": [{"name": t.name, "teacher": teachers[t.teacher].name, "kind": t.kind, "labels": list(t.labels),
                        "teachers": [teachers[n].name for n, _ in t.sources]} for t in selection.tasks],

