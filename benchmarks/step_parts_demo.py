@@ -1,14 +1,16 @@
 """A filtered-ka step against the sum of its irreducible parts, per block, on the demo (README "Measured").
 
     python benchmarks/step_parts_demo.py [--workspace DIR] [--batch N] [--memory-format contiguous|channels_last]
+                                         [--precision auto|fp32|bf16]
 
 For student block k (the demo's teachers and a student started from teacher 1, batch 16, 56 px, CPU):
 the time of the engine's training step (``FilteredKA.block_loss`` with the prefix cache, then the backward
 pass and the SGD update, as ``sgd_epochs`` runs it) against the sum of the parts no implementation can
 skip: the block's own forward and backward on its (cached) input, each teacher's filter forward and
 backward, and each teacher's remaining blocks forward with the gradient to their input; the rest is the
-overhead (loss, bookkeeping, the update). Best of ``--repeat`` timings of 20 steps each. Writes
-``benchmarks/results/step_parts_demo.json`` and ``.md``.
+overhead (loss, bookkeeping, the update). Every part runs under the step's precision (``--precision``, as
+``[run] precision``: ``auto`` is bf16 autocast on a CPU with native bf16). Best of 3 timings of 20 steps
+each. Writes ``benchmarks/results/step_parts_demo_<layout>[_<precision>].json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from kamal_engine.methods.filtered_ka import FilteredKA  # noqa: E402
 from kamal_engine.recipe import load_recipe  # noqa: E402
 from kamal_engine.runner import build_student  # noqa: E402
 from kamal_engine.selection import TaskSelection  # noqa: E402
-from kamal_engine.training import UnlabeledImages, set_mode, teacher_targets  # noqa: E402
+from kamal_engine.training import (UnlabeledImages, autocast, effective_precision, set_mode,  # noqa: E402
+                                   teacher_targets)
 
 
 def best_ms(fn, steps: int = 20, repeat: int = 3) -> float:
@@ -50,7 +53,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--images", type=int, default=512, help="unlabeled images loaded (the cache is of these)")
     parser.add_argument("--memory-format", default="contiguous", choices=layout.LAYOUTS)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     args = parser.parse_args()
+    precision = effective_precision(torch.device("cpu"), args.precision)
     workspace = Path(args.workspace).resolve()
     if not demo.is_complete(workspace):
         demo.build_demo(workspace, demo.DemoConfig(), log=print)
@@ -67,7 +72,7 @@ def main() -> None:
     method = get_method("filtered-ka")
     params = resolve_params(method, {}, lambda message, key: ValueError(f"{key}: {message}"))
     params["batch_size"] = args.batch
-    ctx = RunContext(selection, student, arch, kwargs, preprocessing, images, targets, torch.device("cpu"), "fp32",
+    ctx = RunContext(selection, student, arch, kwargs, preprocessing, images, targets, torch.device("cpu"), precision,
                      params, 0, lambda event: None, CancelToken(), None, None, None, "filtered-ka")
     ka = FilteredKA(ctx)
     idx = torch.arange(args.batch)
@@ -87,21 +92,31 @@ def main() -> None:
             optimizer.step()
 
         x = ka.cache[1][idx] if ka.cache is not None else ctx.student_preprocessing(images.images[idx])
-        feature = block(x).detach()
+        with torch.no_grad(), autocast(torch.device("cpu"), precision):
+            feature = block(x).detach()
+
+        cpu = torch.device("cpu")
 
         def block_part():
-            block(x).float().sum().backward()
+            with autocast(cpu, precision):
+                y = block(x)
+            y.float().sum().backward()
 
         def filter_part():
             f = feature.clone().requires_grad_(True)
-            sum(fk[n](f).float().sum() for n in ka.active).backward()
+            with autocast(cpu, precision):
+                y = sum(fk[n](f).float().sum() for n in ka.active)
+            y.backward()
 
-        filtered = {n: fk[n](feature).detach() for n in ka.active}
+        with torch.no_grad(), autocast(cpu, precision):
+            filtered = {n: fk[n](feature).detach() for n in ka.active}
 
         def teacher_part():
             for n in ka.active:
                 f = filtered[n].clone().requires_grad_(True)
-                ka.paired.teachers[n].forward_from(k, f).float().sum().backward()
+                with autocast(cpu, precision):
+                    y = ka.paired.teachers[n].forward_from(k, f)
+                y.float().sum().backward()
 
         parts = {"block": best_ms(block_part), "filters": best_ms(filter_part), "teachers": best_ms(teacher_part)}
         total = best_ms(step)
@@ -110,14 +125,15 @@ def main() -> None:
                      "irreducible_ms": round(sum(parts.values()), 2),
                      "ratio": round(total / sum(parts.values()), 3)})
         print(rows[-1], flush=True)
-    lines = [f"Made by `python benchmarks/step_parts_demo.py --memory-format {args.memory_format}` (batch {args.batch}, "
-             f"CPU, {torch.get_num_threads()} threads).", "",
+    lines = [f"Made by `python benchmarks/step_parts_demo.py --memory-format {args.memory_format} --precision "
+             f"{args.precision}` (batch {args.batch}, CPU, {torch.get_num_threads()} threads, {precision}).", "",
              "| block | step | block fwd+bwd | filters fwd+bwd | teachers' blocks fwd + input grad | irreducible sum "
              "| step / irreducible |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['block']} | {r['step_ms']:.2f} ms | {r['block_ms']:.2f} | {r['filters_ms']:.2f} | "
                      f"{r['teachers_ms']:.2f} | {r['irreducible_ms']:.2f} | **{r['ratio']:.2f}** |")
-    out = Path(__file__).parent / "results" / f"step_parts_demo_{args.memory_format}"
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"  # fp32: the files of earlier runs
+    out = Path(__file__).parent / "results" / f"step_parts_demo_{args.memory_format}{suffix}"
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

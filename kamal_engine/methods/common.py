@@ -97,19 +97,25 @@ class RunContext:
 
     def sgd(self, parameters, lr: float) -> torch.optim.Optimizer:
         p = self.params
-        return torch.optim.SGD(parameters, lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"])
+        params = list(parameters)
+        try:  # one fused kernel for the whole update (torch's CPU default is a Python loop over the tensors)
+            return torch.optim.SGD(params, lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"], fused=True)
+        except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
+            return torch.optim.SGD(params, lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"])
 
-    def batch_losses(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    def batch_losses(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
+                     images: bool = True) -> torch.Tensor:
         """Per-task soft-target losses (Eq. 7's terms) of ``forward`` on images ``idx``; ``forward`` maps
-        uint8 images to the logits of every selected output in label order."""
+        uint8 images to the logits of every selected output in label order (``images=False``: it gets
+        None, having its input elsewhere, e.g. filtered-ka's prefix cache)."""
         with autocast(self.device, self.precision):
-            logits = forward(self.images.images[idx].to(self.device))
+            logits = forward(self.images.images[idx].to(self.device) if images else None)
         return task_losses(logits, self.all_targets(idx), self.selection.tasks)
 
-    def soft_target_loss(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor
-                         ) -> tuple[torch.Tensor, dict[str, float]]:
+    def soft_target_loss(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
+                         images: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. 7 on images ``idx``, ``L = 1/|C| Σ_tasks ℓ``, and the values to log."""
-        per_task = self.batch_losses(forward, idx)
+        per_task = self.batch_losses(forward, idx, images)
         loss = per_task.sum() / len(self.selection.tasks)
         return loss, loss_dict(loss, per_task, self.selection)
 

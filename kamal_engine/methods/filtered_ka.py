@@ -171,7 +171,7 @@ class FilteredKA:
         the block's prefix cache when it holds images ``idx`` (:meth:`build_cache`)."""
         blocks = list(self.paired.student.blocks)
         with self.ctx.profile.part(f"amalgamate {self.paired.names[k - 1]} frozen prefix"):
-            if idx is not None and self.cache is not None and self.cache[0] == k:
+            if idx is not None and self.cached(k):
                 xs = self.cache[1][idx].to(self.device, non_blocking=True)
             else:
                 xs = self.ctx.student_preprocessing(x)
@@ -179,6 +179,10 @@ class FilteredKA:
                     for block in blocks[:k - 1]:
                         xs = block(xs)
         return blocks[k - 1](xs)
+
+    def cached(self, k: int) -> bool:
+        """Whether block k's input comes from the prefix cache (:meth:`build_cache`)."""
+        return self.cache is not None and self.cache[0] == k
 
     def forward_tasks(self, k: int, x: torch.Tensor, fk: dict[int, torch.nn.Module],
                       idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,8 +224,9 @@ class FilteredKA:
     def block_loss(self, k: int, fk: dict[int, torch.nn.Module], generator: torch.Generator) -> Loss:
         """Eq. 7 (+ λ·Eq. 5 when ``feature_weight`` > 0) for block k, on consistent views with ``augment``."""
         ctx, augment, weight = self.ctx, self.p["augment"], self.p["feature_weight"]
-        if augment == "none" and weight == 0:
-            return lambda idx: ctx.soft_target_loss(lambda x: self.forward_tasks(k, x, fk, idx), idx)
+        if augment == "none" and weight == 0:  # with the prefix cache, the images themselves are not needed
+            return lambda idx: ctx.soft_target_loss(lambda x: self.forward_tasks(k, x, fk, idx), idx,
+                                                    images=not self.cached(k))
 
         def loss(idx: torch.Tensor):
             with autocast(self.device, ctx.precision):
@@ -272,7 +277,8 @@ class FilteredKA:
             for start in range(share.start, share.stop, 128):
                 ctx.cancel.check()
                 idx = torch.arange(start, min(start + 128, share.stop))
-                sums += ctx.batch_losses(lambda x: self.forward_tasks(k, x, fk, idx), idx).cpu() * len(idx)
+                sums += ctx.batch_losses(lambda x: self.forward_tasks(k, x, fk, idx), idx,
+                                         images=not self.cached(k)).cpu() * len(idx)
         return ctx.world.sum(sums) / len(images)
 
     def remaining(self, losses: torch.Tensor) -> float:
