@@ -97,11 +97,8 @@ class RunContext:
 
     def sgd(self, parameters, lr: float) -> torch.optim.Optimizer:
         p = self.params
-        params = list(parameters)
-        try:  # one fused kernel for the whole update (torch's CPU default is a Python loop over the tensors)
-            return torch.optim.SGD(params, lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"], fused=True)
-        except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
-            return torch.optim.SGD(params, lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"])
+        return torch.optim.SGD(parameters, lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"],
+                               foreach=True)  # one kernel per operation for all tensors (torch's CPU default: a loop)
 
     def batch_losses(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
                      images: bool = True) -> torch.Tensor:

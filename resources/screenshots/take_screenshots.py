@@ -15,6 +15,10 @@ Nothing outside the temporary folder and this folder is written.
 With ``--data-free`` it instead runs a short ``dual-gan`` run (every data-free option on) on the quick
 demo and saves the Train page while the generator trains — its losses, samples and the bar per label
 of how often the teachers call it present — at both sizes (``train-dual-gan-<size>.png``).
+
+With ``--gpus N`` it shows the Data & method page as on a machine with N GPUs, the device list open on
+its "all N GPUs" entry, at both sizes (``data-method-gpus-<size>.png``; the screen itself is grabbed,
+``import -window root``, since the list is a window of its own).
 """
 
 from __future__ import annotations
@@ -42,6 +46,32 @@ def settle(app, seconds: float = 0.4) -> None:
     while time.monotonic() < end:
         app.processEvents()
         time.sleep(0.02)
+
+
+def several_gpus(app, window, work: Path, gpus: int) -> list[Path]:
+    """The Data & method page's device list as on a machine with ``gpus`` GPUs, open, at both sizes."""
+    import subprocess
+
+    from kamal_app.main_window import PAGES, default_size
+
+    assert window.open_recipe(work / "demo" / "recipes" / "filtered-ka.toml")
+    window.nav.setCurrentRow(PAGES.index("Data & method"))
+    combo = window.data_page.device
+    combo.setCurrentIndex(combo.findData(f"cuda*{gpus}"))
+    written = []
+    for size in SIZES:
+        window.resize(default_size(window) if size is None else window.size().__class__(*size))
+        window.move(0, 0)
+        settle(app)
+        window.data_page.scroll_to(combo) if hasattr(window.data_page, "scroll_to") else None
+        combo.showPopup()
+        settle(app, 0.8)
+        path = HERE / f"data-method-gpus-{window.width()}x{window.height()}.png"
+        subprocess.run(["import", "-window", "root", "-crop", f"{window.width()}x{window.height()}+0+0", str(path)],
+                       check=True)
+        combo.hidePopup()
+        written.append(path)
+    return written
 
 
 def data_free(app, window, work: Path) -> list[Path]:
@@ -83,6 +113,20 @@ def main() -> int:
     build_demo(work / "demo", DemoConfig.quick(), log=lambda message: None)
     window = MainWindow(QSettings(str(work / "settings.ini"), QSettings.Format.IniFormat))
     window.show()
+    if "--gpus" in sys.argv[1:]:  # the device list as on a machine with that many GPUs
+        from kamal_app.pages import data_method
+        from kamal_engine.devices import device_choices
+
+        gpus = int(sys.argv[sys.argv.index("--gpus") + 1])
+        data_method.device_choices = lambda: device_choices(gpus=gpus)
+        window.close()
+        window = MainWindow(QSettings(str(work / "settings.ini"), QSettings.Format.IniFormat))
+        window.show()
+        for path in several_gpus(app, window, work, gpus):
+            print(path.relative_to(HERE.parent.parent))
+        window.setWindowModified(False)
+        window.close()
+        return 0
     if "--data-free" in sys.argv[1:]:
         for path in data_free(app, window, work):
             print(path.relative_to(HERE.parent.parent))
