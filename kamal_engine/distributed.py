@@ -194,14 +194,21 @@ def join(device_request: str) -> World:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:  # the node's cores shared out among its ranks (torch would give each rank all of them)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        _threads.append(torch.get_num_threads())  # given back by leave()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     return current()
 
 
+_threads: list[int] = []  # this process's thread count before join() shared the cores out
+
+
 def leave() -> None:
+    """Leave the process group (if any) and give the process its threads back."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if _threads:
+        torch.set_num_threads(_threads.pop())
 
 
 def free_port() -> int:
