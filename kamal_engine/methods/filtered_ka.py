@@ -48,7 +48,6 @@ Seeds (:meth:`~.common.RunContext.seeded`): block k is phase k, the fine-tuning 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
@@ -194,30 +193,35 @@ class FilteredKA:
     @torch.no_grad()
     def build_cache(self, k: int) -> None:
         """The frozen prefix's output ``F_u^{k-1}`` of every unlabeled image, computed once for block k
-        (the earlier blocks are frozen and in eval mode, so it is the same at every step) when it fits in
-        ``cache_mb`` and the images are used as they are (no ``augment``); else none, and each step runs
-        the prefix. What was decided is in the report (``prefix_cache``)."""
+        (the earlier blocks are frozen and in eval mode, so it is the same at every step; for block 1, the
+        preprocessed images) when it fits in ``cache_mb`` and the images are used as they are (no
+        ``augment``); else none, and each step runs the prefix. What was decided is in the report
+        (``prefix_cache``)."""
         self.cache = None
         name, p = self.paired.names[k - 1], self.p
-        if k == 1:
-            return
-        needed = len(self.ctx.images) * math.prod(self.paired.student_shapes[k - 2]) * 4 / 2**20
+        blocks = list(self.paired.student.blocks)[:k - 1]
+        set_mode([], blocks)
+        images = self.ctx.images
+
+        def prefix(chunk: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), autocast(self.device, self.ctx.precision):
+                xs = self.ctx.student_preprocessing(chunk.to(self.device))
+                for block in blocks:
+                    xs = block(xs)
+            return xs
+
+        sample = prefix(images.images[:1])
+        needed = len(images) * sample[0].numel() * sample.element_size() / 2**20
         if p["cache_mb"] <= 0 or p["augment"] != "none" or p["feature_weight"] > 0 or needed > p["cache_mb"]:
             why = ("cache_mb = 0" if p["cache_mb"] <= 0 else "augment" if p["augment"] != "none" else
                    "feature_weight" if p["feature_weight"] > 0 else f"needs {needed:.0f} MB > cache_mb")
             self.cache_report[name] = f"off ({why})"
             return
-        blocks = list(self.paired.student.blocks)[:k - 1]
-        set_mode([], blocks)
-        images, parts = self.ctx.images, []
+        parts = []
         with self.ctx.profile.part("prefix cache", len(images)):
             for start in range(0, len(images), 128):
                 self.ctx.cancel.check()
-                with autocast(self.device, self.ctx.precision):
-                    xs = self.ctx.student_preprocessing(images.images[start:start + 128].to(self.device))
-                    for block in blocks:
-                        xs = block(xs)
-                parts.append(xs)
+                parts.append(prefix(images.images[start:start + 128]))
         self.cache = (k, torch.cat(parts))
         self.cache_report[name] = f"{needed:.0f} MB"
 
@@ -472,8 +476,9 @@ METHOD = MethodInfo(
               "('shift': ±4 pixels; 'shift+flip' adds horizontal flips; 'none': the images as they are, the "
               "teachers' predictions computed once)", choices=AUGMENTATIONS),
         *plan_params(1.0, "Eq. 9"),
-        Param("cache_mb", 1024, "memory (MB) for the output of the frozen earlier blocks on every unlabeled image, "
-              "computed once per block instead of at every step (the same numbers: those blocks are frozen); a "
+        Param("cache_mb", 1024, "memory (MB) for the output of the frozen earlier blocks on every unlabeled image "
+              "(for the first block the preprocessed images), computed once per block instead of at every step (the "
+              "same numbers: those blocks are frozen); a "
               "block whose cache would need more runs them at every step; 0: never cache", minimum=0),
         Param("diagnose_images", 512, "unlabeled images on which the features' relatedness (linear CKA) is measured "
               "and adapters are started", minimum=16),
