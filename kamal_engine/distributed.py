@@ -52,6 +52,12 @@ from .errors import KamalError
 TIMEOUT = timedelta(minutes=30)  # a rank waiting this long for the others (rank 0 evaluating, exporting) fails
 
 
+def batch_count(n: int, batch_size: int) -> int:
+    """Batches of ``batch_size`` in an epoch of ``n`` images, a last one of fewer than 2 dropped."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 else 0)
+
+
 @dataclass(frozen=True)
 class World:
     """The processes of one run and this one's place among them (``backend`` empty: one process)."""
@@ -89,8 +95,7 @@ class World:
 
     def steps_per_epoch(self, n: int, batch_size: int) -> int:
         """The number of batches :meth:`batches` gives (the same on every rank)."""
-        full, rest = divmod(math.ceil(n / self.size), self.local_batch(batch_size))
-        return full + (1 if rest >= 2 else 0)
+        return batch_count(math.ceil(n / self.size), self.local_batch(batch_size))
 
     def share(self, n: int) -> range:
         """This rank's contiguous part of ``range(n)``, for passes over the whole set (:meth:`sum` after)."""

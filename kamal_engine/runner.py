@@ -220,8 +220,7 @@ def _run_ranks(recipe: Recipe, nproc: int, **options) -> RunResult:
     the other ranks are waited for, or stopped when this one fails or is cancelled."""
     method = get_method(recipe.method)
     if not method.distributed:
-        raise recipe.error(f"method '{method.id}' runs in one process only (the distributed runs are those of "
-                           f"{', '.join(distributed_methods())}); run it without --nproc", "method", "id")
+        raise one_process_only(recipe, method, "run it without --nproc")
     payload = {"recipe": recipe, **{k: options[k] for k in ("resume", "restart", "replace", "command")}}
     ranks = distributed.start_ranks(nproc, payload, recipe.device)
     ok = False
@@ -238,10 +237,13 @@ def _run_ranks(recipe: Recipe, nproc: int, **options) -> RunResult:
                              f"{nproc} ended with exit code {failed[0][1]} (its error is printed above)")
 
 
-def distributed_methods() -> list[str]:
+def one_process_only(recipe: Recipe, method, what_to_do: str) -> KamalError:
+    """The error for a distributed run of a method that runs in one process only."""
     from .methods import MODULES
 
-    return [m for m in MODULES if get_method(m).distributed]
+    others = ", ".join(m for m in MODULES if get_method(m).distributed)
+    return recipe.error(f"method '{method.id}' runs in one process only (the distributed runs are those of {others}); "
+                        f"{what_to_do}", "method", "id")
 
 
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -299,8 +301,7 @@ def _run(recipe: Recipe, resume: bool, restart: bool, replace: bool, emit: Emit,
     params = resolve_params(method, recipe.params, lambda message, key: recipe.error(message, "method", key))
     world = distributed.join(recipe.device)  # torchrun's ranks, or those of _run_ranks; one process otherwise
     if world.distributed and not method.distributed:
-        raise recipe.error(f"method '{method.id}' runs in one process only (the distributed runs are those of "
-                           f"{', '.join(distributed_methods())}); start it without torchrun or --nproc", "method", "id")
+        raise one_process_only(recipe, method, "start it without torchrun or --nproc")
     checkpointer = Checkpointer(recipe.output_dir / "checkpoints" / "last.pt", method.id, fingerprint(recipe, params),
                                 write=world.main)
     if resume and world.main and not checkpointer.path.exists():

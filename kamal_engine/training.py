@@ -24,7 +24,7 @@ from torch import nn
 
 from .checkpoints import atomic_write
 from .data import list_images, load_image
-from .distributed import SINGLE
+from .distributed import SINGLE, batch_count
 from .errors import DataError, DivergedError, KamalError
 from .events import CancelToken, Emit, StepLosses
 from .selection import Task, TaskSelection
@@ -98,8 +98,7 @@ class UnlabeledImages:
         """The number of batches :meth:`batches` gives an epoch (on every rank alike)."""
         if self.world.distributed:
             return self.world.steps_per_epoch(len(self), batch_size)
-        full, rest = divmod(len(self), batch_size)
-        return full + (1 if rest >= 2 else 0)
+        return batch_count(len(self), batch_size)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..backbones import split_model
-from ..distributed import SINGLE, World
+from ..distributed import SINGLE, World, batch_count
 from ..events import CancelToken, Emit
 from ..preprocessing import Preprocessing
 from ..profiling import RunProfile
@@ -194,8 +194,7 @@ def loss_dict(loss: torch.Tensor, per_task: torch.Tensor, selection: TaskSelecti
 
 
 def steps_per_epoch(n_images: int, batch_size: int) -> int:
-    full, rest = divmod(n_images, batch_size)
-    return full + (1 if rest >= 2 else 0)
+    return batch_count(n_images, batch_size)
 
 
 def whole_net(model: nn.Module, arch: str, arch_kwargs: dict[str, Any], labels: list[str], tasks) -> TargetNet:
