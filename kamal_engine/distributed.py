@@ -110,13 +110,16 @@ class World:
         dist.all_reduce(work, op=dist.ReduceOp.SUM)
         return work.cpu().to(tensor.dtype)
 
-    def average(self, values: dict[str, float]) -> dict[str, float]:
-        """A step's logged values averaged over the ranks (every rank logs the same keys)."""
+    def average(self, values: dict) -> dict:
+        """A step's logged values (floats or 0-d tensors) averaged over the ranks (every rank logs the
+        same keys), as 0-d tensors."""
         if not self.distributed:
             return values
         keys = sorted(values)
-        summed = self.sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))
-        return {k: float(v) / self.size for k, v in zip(keys, summed.tolist())}
+        vector = torch.stack([torch.as_tensor(values[k]).detach().to(self.device(), torch.float64).reshape(())
+                              for k in keys])
+        dist.all_reduce(vector, op=dist.ReduceOp.SUM)  # stays on the device: the step loop syncs (StepLoop)
+        return {k: v / self.size for k, v in zip(keys, vector)}
 
     def from_main(self, value: Any) -> Any:
         """Rank 0's ``value`` (any picklable object) on every rank."""

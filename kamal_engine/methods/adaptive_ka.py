@@ -61,7 +61,7 @@ from ..backbones.blocks import BlockNet
 from ..errors import KamalError
 from ..preprocessing import Preprocessing
 from ..teacher import Teacher
-from ..training import StepLoop, autocast, set_mode
+from ..training import StepLoop, autocast, set_mode, to_device
 from . import MethodInfo, MethodResult, Param
 from .bridge import TransferBridge, paired_block
 from .common import RunContext, sgd_params, steps_per_epoch, whole_net
@@ -258,7 +258,7 @@ def train_round(ctx: RunContext, loop: StepLoop, phase: int, stage: str, model: 
     if resume:
         model.load_state_dict(current["model"])
         round_.load_state_dict(current["round"])
-    share = torch.zeros(len(sources))  # the feature teacher's weights summed over the epoch's images
+    share = torch.zeros(len(sources), device=device)  # the feature teacher's weights summed over the epoch's images
 
     def batches(epoch: int):
         share.zero_()
@@ -266,15 +266,16 @@ def train_round(ctx: RunContext, loop: StepLoop, phase: int, stage: str, model: 
 
     def loss(idx: torch.Tensor):
         with autocast(device, ctx.precision):
-            terms = round_(images.images[idx].to(device))
-        weights = terms["feature_weights"].detach().cpu()
-        share.add_(weights.sum(0))
-        out = {k: float(terms[k].detach()) for k in ("loss", "soft", "transfer", "reg")}
-        per_sample = terms["per_sample"].cpu()
-        for t, src in enumerate(sources):
-            w = weights[:, t]
-            if float(w.sum()) > 0:
-                out[f"teacher:{src.name}"] = float((w * per_sample).sum() / w.sum())
+            terms = round_(to_device(images.images[idx], device))
+        weights = terms["feature_weights"].detach().float()  # everything stays on the device (StepLoop)
+        totals = weights.sum(0)
+        share.add_(totals)
+        out = {k: terms[k].detach() for k in ("loss", "soft", "transfer", "reg")}
+        per_teacher = (weights * terms["per_sample"].detach().float()[:, None]).sum(0) / totals.clamp_min(1e-12)
+        selected = totals.gt(0).tolist()  # this method's one wait per step: which teachers the batch selected
+        for t, src in enumerate(sources):  # a teacher no image of the batch selected: not logged this step
+            if selected[t]:
+                out[f"teacher:{src.name}"] = per_teacher[t]
         return terms["loss"], out
 
     def checkpoint(epoch: int, state: dict) -> None:

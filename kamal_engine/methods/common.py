@@ -23,7 +23,7 @@ from ..preprocessing import Preprocessing
 from ..profiling import RunProfile
 from ..selection import TaskSelection
 from ..targetnet import Branch, BranchSpec, TargetNet, TaskGroup
-from ..training import MetricsLog, StepLoop, UnlabeledImages, autocast, task_losses
+from ..training import MetricsLog, StepLoop, UnlabeledImages, autocast, task_losses, to_device
 from . import Param
 
 
@@ -89,11 +89,11 @@ class RunContext:
             return "", ""
 
         return StepLoop(self.emit, self.cancel, self.metrics, total_steps, self.saved().get("step", 0), teacher_of,
-                        self.world.size)
+                        self.world.size, sync_every=16 if self.device.type == "cuda" else 1)
 
     def all_targets(self, idx: torch.Tensor) -> torch.Tensor:
         """Soft targets of every selected output, in the student's label order, for images ``idx``."""
-        return torch.cat([t[idx] for t in self.targets], 1).to(self.device)
+        return to_device(torch.cat([t[idx] for t in self.targets], 1), self.device)
 
     def sgd(self, parameters, lr: float) -> torch.optim.Optimizer:
         p = self.params
@@ -106,7 +106,7 @@ class RunContext:
         uint8 images to the logits of every selected output in label order (``images=False``: it gets
         None, having its input elsewhere, e.g. filtered-ka's prefix cache)."""
         with autocast(self.device, self.precision):
-            logits = forward(self.images.images[idx].to(self.device) if images else None)
+            logits = forward(to_device(self.images.images[idx], self.device) if images else None)
         return task_losses(logits, self.all_targets(idx), self.selection.tasks)
 
     def soft_target_loss(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
@@ -181,15 +181,17 @@ def sgd_params(*, batch_size: int, weight_decay: float, batch_help: str = "image
     )
 
 
-def loss_dict(loss: torch.Tensor, per_task: torch.Tensor, selection: TaskSelection) -> dict[str, float]:
-    """``{"loss", "teacher:<name>" (mean over its tasks), "task:<name>"}`` for metrics and events."""
-    values = per_task.detach().cpu().tolist()
-    out = {"loss": float(loss.detach())}
+def loss_dict(loss: torch.Tensor, per_task: torch.Tensor, selection: TaskSelection) -> dict[str, torch.Tensor]:
+    """``{"loss", "teacher:<name>" (mean over its tasks), "task:<name>"}`` for metrics and events, as
+    0-d tensors where they were computed (the step loop brings them to the host: ``StepLoop``)."""
+    per_task = per_task.detach()
+    out = {"loss": loss.detach()}
     for n, teacher in enumerate(selection.teachers):
         idx = [i for i, t in enumerate(selection.tasks) if t.teacher == n]
         if idx:
-            out[f"teacher:{teacher.name}"] = sum(values[i] for i in idx) / len(idx)
-    out.update({f"task:{t.name}": v for t, v in zip(selection.tasks, values)})
+            out[f"teacher:{teacher.name}"] = per_task[idx[0]:idx[-1] + 1].mean() if idx == list(
+                range(idx[0], idx[-1] + 1)) else per_task[idx].mean()
+    out.update({f"task:{t.name}": per_task[i] for i, t in enumerate(selection.tasks)})
     return out
 
 

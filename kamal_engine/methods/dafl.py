@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from ..events import LabelsCovered, SamplesGenerated, StageStarted
-from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities
+from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities, to_device
 from . import MethodInfo, MethodResult, Param
 from .common import RunContext, Term, descend, describe_terms, loss_dict, total_loss, whole_student
 from .datafree import (INGREDIENTS, BatchNormPrior, LabelCoverage, ReplayPool, activation_loss, balance_loss,
@@ -120,9 +120,9 @@ class DAFL:
         """A batch for the student and the teachers' logits on it: generated after one generator step
         (Module 1, Eq. 7 and the options that are on), or N(0, 1) noise for the ``source = "noise"`` baseline."""
         p = self.p
-        z = torch.randn(count, p["latent_dim"], generator=draw).to(self.device)
+        z = to_device(torch.randn(count, p["latent_dim"], generator=draw), self.device)
         if not self.use_generator:
-            x = torch.randn(count, 3, *self.size, generator=draw).to(self.device)
+            x = to_device(torch.randn(count, 3, *self.size, generator=draw), self.device)
             with torch.no_grad(), autocast(self.device, self.ctx.precision):
                 return x, self.teachers(x)[0], {}
         with autocast(self.device, self.ctx.precision):
@@ -140,8 +140,8 @@ class DAFL:
                 self.student.train()
         l_total = total_loss(self.terms, values, p)
         descend(l_total, self.opt_g)
-        logged = {"generator:total": float(l_total.detach()),
-                  **{f"generator:{k}": float(v.detach()) for k, v in values.items()}}
+        logged = {"generator:total": l_total.detach(),
+                  **{f"generator:{k}": v.detach() for k, v in values.items()}}
         return x.detach(), logits.detach(), logged
 
     def step(self, loop: StepLoop, idx: torch.Tensor, draw: torch.Generator) -> dict[str, float]:

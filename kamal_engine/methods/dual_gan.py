@@ -77,7 +77,7 @@ from ..errors import KamalError
 from ..events import BlockConverged, LabelsCovered, SamplesGenerated, StageStarted
 from ..filters import build_filter
 from ..targetnet import TargetNet
-from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities
+from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities, to_device
 from . import MethodInfo, MethodResult, Param
 from .blockwise import check_budget, pair_blocks, plan_branches, plan_params, regroup, resume_blocks, save_block
 from .common import RunContext, Term, descend, describe_terms, loss_dict, sgd_params, total_loss
@@ -167,7 +167,7 @@ class DualGAN:
         return (torch.arange(self.p["batch_size"]) for _ in range(self.p["iterations"]))
 
     def noise(self, draw: torch.Generator) -> torch.Tensor:
-        return torch.randn(self.p["batch_size"], self.p["latent_dim"], generator=draw).to(self.device)
+        return to_device(torch.randn(self.p["batch_size"], self.p["latent_dim"], generator=draw), self.device)
 
     def gan_values(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The terms of Eq. 12 (and the batch-norm prior) on one generated batch; also ``"logits"``, the
@@ -199,8 +199,8 @@ class DualGAN:
         self.coverage.add(features[-1], logits, self.tasks)
         if p["preview_every"] and (loop.state.step + 1) % p["preview_every"] == 0:
             self.ctx.emit(SamplesGenerated(loop.state.step + 1, self.view.preview(features[-1])))
-        return {"loss": float(joint.detach()), "generator:joint": float(joint.detach()),
-                **{f"generator:{k}": float(v.detach()) for k, v in values.items()}}
+        return {"loss": joint.detach(), "generator:joint": joint.detach(),
+                **{f"generator:{k}": v.detach() for k, v in values.items()}}
 
     def train_generator(self, loop: StepLoop) -> dict[str, float]:
         """Step I, resumed after the last finished generator epoch; then G is fixed. Returns the last
@@ -277,7 +277,7 @@ class DualGAN:
                     per_task_g = task_losses(self.dual_logits(b, fb, features[self.second_stream[b]]), target, tasks)
                     loss_g = per_task_g.sum() / len(tasks)
                     total = total + p["lambda_generator"] * loss_g
-                    extra["dual:generator-stream"] = float(loss_g.detach())
+                    extra["dual:generator-stream"] = loss_g.detach()
             return total, {**loss_dict(total, per_task, self.selection), **extra}
         return loss
 
@@ -335,7 +335,7 @@ class DualGAN:
         descend(joint, self.opt_g)
         net.train()
         self.generator.requires_grad_(False)
-        return {"generator:adversarial": float(apart.detach()), "generator:joint": float(joint.detach())}
+        return {"generator:adversarial": apart.detach(), "generator:joint": joint.detach()}
 
     def branch_plan(self, converged: dict[str, list[float]], means: dict[str, float], filters: dict
                     ) -> tuple[dict[str, int], dict]:

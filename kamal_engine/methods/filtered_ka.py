@@ -56,7 +56,8 @@ from ..events import BlockConverged, BlockDiagnosed, RunWarning
 from ..filters import FeatureAdapter, build_filter, filter_spec
 from ..relatedness import channel_alignment, feature_cka, knowledge_share, least_squares_map, reference_losses
 from ..targetnet import TargetNet
-from ..training import AUGMENTATIONS, StepLoop, autocast, consistent_views, set_mode, task_losses, task_probabilities
+from ..training import (AUGMENTATIONS, StepLoop, autocast, consistent_views, set_mode, task_losses, task_probabilities,
+                        to_device)
 from . import MethodInfo, MethodResult, Param
 from .blockwise import (PairedBlocks, check_budget, pair_blocks, plan_branches, plan_params, regroup, resume_blocks,
                         save_block)
@@ -234,7 +235,7 @@ class FilteredKA:
 
         def loss(idx: torch.Tensor):
             with autocast(self.device, ctx.precision):
-                x = consistent_views(ctx.images.images[idx], generator, augment).to(self.device)
+                x = to_device(consistent_views(ctx.images.images[idx], generator, augment), self.device)
                 if augment == "none":  # the teachers' predictions on these very images are precomputed
                     targets = ctx.all_targets(idx)
                     _, teacher_f = self.teacher_views(x, k, need_targets=False)
@@ -250,7 +251,7 @@ class FilteredKA:
             if weight > 0:
                 terms = [feature_distance(filtered[n], teacher_f[n]) for n in self.active]
                 total = total + weight * torch.stack(terms).mean()
-                logged = {f"feature:{self.selection.teachers[n].name}": float(v.detach())
+                logged = {f"feature:{self.selection.teachers[n].name}": v.detach()
                           for n, v in zip(self.active, terms)}
             return total, {**loss_dict(total, per_task, self.selection), **logged}
         return loss
@@ -263,7 +264,7 @@ class FilteredKA:
 
         def loss(idx: torch.Tensor):
             with autocast(self.device, ctx.precision):
-                x = consistent_views(ctx.images.images[idx], generator, self.p["augment"]).to(self.device)
+                x = to_device(consistent_views(ctx.images.images[idx], generator, self.p["augment"]), self.device)
                 targets, _ = self.teacher_views(x, 0)
                 per_task = task_losses(net(ctx.student_preprocessing(x)), targets, self.selection.tasks)
             total = per_task.sum() / len(self.selection.tasks)
