@@ -19,6 +19,9 @@ What each rank does (:class:`World`):
   wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` for its steps
   (:meth:`World.objective`): the gradients are averaged across the ranks in the backward pass, and
   the buffers (batch-norm statistics) are rank 0's;
+* a data-free method (``dafl``) draws its latent codes per rank (:meth:`RunContext.rank_draw
+  <kamal_engine.methods.common.RunContext.rank_draw>`), so each rank generates its own share of a
+  step's images; its generator and its student are each wrapped;
 * the logged losses of every step are averaged (:meth:`World.average`), passes over the whole set
   (filtered-ka's converged losses) split by rank and summed (:meth:`World.share`, :meth:`World.sum`);
 * only rank 0 reads the checkpoint (``--resume``; the others get its state) and writes (checkpoints,

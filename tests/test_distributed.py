@@ -53,9 +53,13 @@ def test_one_process_is_not_distributed_and_keeps_its_own_order():
     assert world.average({"loss": 2.0}) == {"loss": 2.0}
 
 
-@pytest.mark.parametrize("method", [{**TINY}, {"id": "kd", "epochs": 2, "batch_size": 32}], ids=["filtered-ka", "kd"])
+DAFL = {"id": "dafl", "epochs": 2, "iterations": 3, "batch_size": 8, "preview_every": 0}
+
+
+@pytest.mark.parametrize("recipe,method", [("filtered-ka", {**TINY}), ("filtered-ka", {"id": "kd", "epochs": 2, "batch_size": 32}),
+                                           ("dual-gan", DAFL)], ids=["filtered-ka", "kd", "dafl"])
 def test_a_gloo_group_wraps_the_trainable_parts_in_ddp_and_never_a_teacher(quick_demo, recipe_factory, tmp_path,
-                                                                           monkeypatch, method):
+                                                                           monkeypatch, recipe, method):
     """A one-rank gloo group takes every distributed code path in this process."""
     from kamal_engine.recipe import TeacherEntry
 
@@ -75,7 +79,7 @@ def test_a_gloo_group_wraps_the_trainable_parts_in_ddp_and_never_a_teacher(quick
     monkeypatch.setattr(distributed, "DistributedDataParallel", Spy)
     monkeypatch.setattr(TeacherEntry, "load", load)
     out = tmp_path / "run"
-    path = recipe_factory(root / "recipes" / "filtered-ka.toml", method=method, export={"onnx": None},
+    path = recipe_factory(root / "recipes" / f"{recipe}.toml", method=method, export={"onnx": None},
                           run={"output_dir": out, "device": "cpu"})
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{distributed.free_port()}", rank=0, world_size=1)
     try:
@@ -83,8 +87,10 @@ def test_a_gloo_group_wraps_the_trainable_parts_in_ddp_and_never_a_teacher(quick
         result = run_recipe(load_recipe(path))
     finally:
         distributed.leave()
-    # one DDP module per phase: filtered-ka's rounds of each block and its fine-tuning; kd's one training phase
-    phases = 1 if "id" in method else sum(b["rounds"] for b in result.report["diagnosis"]["blocks"]) + 1
+    # one DDP module per phase: filtered-ka's rounds of each block and its fine-tuning; kd's one training phase;
+    # dafl's generator and student, each once
+    phases = {"kd": 1, "dafl": 2}.get(method.get("id"), None) or sum(
+        b["rounds"] for b in result.report["diagnosis"]["blocks"]) + 1
     assert len(wrapped) == phases
     teacher_tensors = {id(t) for teacher in teachers for t in [*teacher.model.parameters(), *teacher.model.buffers()]}
     assert len(teachers) == 2 and teacher_tensors
@@ -153,6 +159,29 @@ def test_two_processes_killed_and_resumed_write_one_report_and_one_student_as_go
     rows = (out / "metrics.csv").read_text().splitlines()
     losses = [int(r.split(",")[0]) for r in rows[1:] if ",loss," in r]
     assert losses == list(range(1, len(losses) + 1))  # one writer: one row per step and value
+
+
+@POSIX
+@pytest.mark.slow
+def test_two_processes_train_a_data_free_generator_each_rank_generating_its_own_share(quick_demo, recipe_factory,
+                                                                                      tmp_path):
+    """dafl with ``--nproc 2``: every step's batch is generated half on each rank (the coverage counts the
+    images of both), the generator and the student are reduced, rank 0 alone writes."""
+    root, _ = quick_demo
+    out = tmp_path / "dafl2"
+    path = recipe_factory(root / "recipes" / "dual-gan.toml", method=DAFL, run={"output_dir": out, "device": "cpu"},
+                          export={"onnx": None})
+    proc = kamal_process("run", str(path), "--nproc", "2")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("Outputs in") == 1
+    report = json.loads((out / "report.json").read_text())
+    generated = report["coverage"]["generated"]
+    assert [g["images"] for g in generated] == [3 * 8, 3 * 8]  # 2 ranks x 4 images x 3 steps per epoch
+    assert all(0.0 <= r <= 1.0 for g in generated for r in g["rates"].values())
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:] if ",loss," in r] == list(range(1, 7))
+    assert report["validation"]["student"]["mean_ap"] is not None
 
 
 def test_a_one_process_method_is_refused_before_any_process_starts(quick_demo, recipe_factory, tmp_path):

@@ -59,6 +59,13 @@ class RunContext:
         is left alone)."""
         return torch.Generator().manual_seed(self.phase_seed(phase))
 
+    def rank_draw(self, phase: int) -> torch.Generator:
+        """:meth:`draw` for what each rank of a distributed run must draw for itself (a data-free
+        method's latent codes: the ranks generate different images); one process: :meth:`draw`."""
+        if not self.world.distributed:
+            return self.draw(phase)
+        return torch.Generator().manual_seed(self.phase_seed(phase) + 1_000_003 * self.world.rank)
+
     def seeded(self, phase: int) -> torch.Generator:
         """Seed torch's global generator for ``phase`` (new layers' initial weights) and return
         :meth:`draw`'s generator: the draws of a phase do not depend on the phases before it, so a

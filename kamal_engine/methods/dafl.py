@@ -115,6 +115,10 @@ class DAFL:
         self.epoch = 0
         self.parts = {"student": self.student, "generator": self.generator, "opt_student": self.opt_s,
                       "opt_generator": self.opt_g, "pool": self.pool}  # what a checkpoint holds
+        # a distributed run: the generator's and the student's gradients averaged over the ranks (DDP);
+        # the student inside the generator's loss (the adversarial term) is the module itself, not reduced
+        self.generator_objective = ctx.world.objective([self.generator], self.generator_loss)
+        self.student_objective = ctx.world.objective([self.student], self.student_loss)
 
     def images(self, count: int, draw: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """A batch for the student and the teachers' logits on it: generated after one generator step
@@ -125,6 +129,14 @@ class DAFL:
             x = to_device(torch.randn(count, 3, *self.size, generator=draw), self.device)
             with torch.no_grad(), autocast(self.device, self.ctx.precision):
                 return x, self.teachers(x)[0], {}
+        l_total, (x, logits, logged) = self.generator_objective(z)
+        descend(l_total, self.opt_g)
+        return x, logits, logged
+
+    def generator_loss(self, z: torch.Tensor):
+        """Eq. 7 (with the options that are on) of the images generated from ``z``, and (the images, the
+        teachers' logits on them, the values to log)."""
+        p = self.p
         with autocast(self.device, self.ctx.precision):
             x = self.generator(z)
             with recording(self.prior):
@@ -139,10 +151,17 @@ class DAFL:
                 values["adversarial"] = -disagreement(self.student(x), logits, self.tasks) * float(warm)
                 self.student.train()
         l_total = total_loss(self.terms, values, p)
-        descend(l_total, self.opt_g)
         logged = {"generator:total": l_total.detach(),
                   **{f"generator:{k}": v.detach() for k, v in values.items()}}
-        return x.detach(), logits.detach(), logged
+        return l_total, (x.detach(), logits.detach(), logged)
+
+    def student_loss(self, batch: tuple[torch.Tensor, torch.Tensor]):
+        """Module 2, Eq. 1: KD of the images ``seen`` against the teachers' ``targets``."""
+        seen, targets = batch
+        with autocast(self.device, self.ctx.precision):
+            per_task = task_losses(self.student(seen), targets, self.tasks)
+        loss = per_task.sum() / len(self.tasks)
+        return loss, loss_dict(loss, per_task, self.ctx.selection)
 
     def step(self, loop: StepLoop, idx: torch.Tensor, draw: torch.Generator) -> dict[str, float]:
         """One generator step, then one student step by KD (Module 2, Eq. 1) on the same images, or on
@@ -153,18 +172,15 @@ class DAFL:
         if changed:
             with torch.no_grad(), autocast(self.device, self.ctx.precision):
                 teacher_logits = self.teachers(seen)[0]
-        targets = task_probabilities(teacher_logits, self.tasks)
-        with autocast(self.device, self.ctx.precision):
-            per_task = task_losses(self.student(seen), targets, self.tasks)
-        loss = per_task.sum() / len(self.tasks)
+        loss, values = self.student_objective((seen, task_probabilities(teacher_logits, self.tasks)))
         descend(loss, self.opt_s)
         if self.p["preview_every"] and (loop.state.step + 1) % self.p["preview_every"] == 0:
             self.ctx.emit(SamplesGenerated(loop.state.step + 1, self.view.preview(x)))
-        return {**loss_dict(loss, per_task, self.ctx.selection), **logged}
+        return self.ctx.world.average({**values, **logged})
 
     def end_epoch(self, epoch: int) -> None:
         """The epoch's label coverage: kept for the report and sent to the app."""
-        summary = self.coverage.summary(epoch)
+        summary = self.coverage.summary(epoch, self.ctx.world)  # every rank's images
         self.covered.append(summary)
         self.coverage.reset()
         self.ctx.emit(LabelsCovered("train", epoch, summary["rates"], summary["diversity"]))
@@ -175,6 +191,7 @@ def run(ctx: RunContext) -> MethodResult:
     dafl = DAFL(ctx)
     p = dafl.p
     batch, iterations, epochs = p["batch_size"], p["iterations"], p["epochs"]
+    local = ctx.world.local_batch(batch)  # a distributed run: each rank generates its share of the batch
     decay_from = max(1, int(round(0.8 * epochs)))
     saved = ctx.saved()
     done = saved.get("epochs_done", 0)
@@ -191,9 +208,10 @@ def run(ctx: RunContext) -> MethodResult:
     for epoch in range(done + 1, epochs + 1):
         for group in dafl.opt_s.param_groups:
             group["lr"] = p["lr_student"] * (0.1 if epoch > decay_from else 1.0)
-        draw, dafl.epoch = ctx.draw(epoch), epoch
-        batches = (torch.arange(i * batch, (i + 1) * batch) for i in range(iterations))
+        draw, dafl.epoch = ctx.rank_draw(epoch), epoch
+        batches = (torch.arange(i * local, (i + 1) * local) for i in range(iterations))
         means = loop.run_epoch(batches, lambda idx: dafl.step(loop, idx, draw), "train", None, epoch)
+        ctx.world.settle([dafl.student, dafl.generator])  # rank 0's batch-norm statistics, as checkpointed
         dafl.end_epoch(epoch)
         ctx.save(loop, epochs_done=epoch, coverage=dafl.covered,
                  **{key: part.state_dict() for key, part in dafl.parts.items()})
@@ -236,4 +254,5 @@ METHOD = MethodInfo(
         Param("preview_every", 200, "steps between generated-sample previews (0: none)", minimum=0),
     ),
     run=run,
+    distributed=True,
 )

@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import SINGLE, World
 from ..selection import Task
 from ..training import task_probabilities
 from . import Param
@@ -285,28 +286,44 @@ def presence(logits: torch.Tensor, tasks: Sequence[Task]) -> torch.Tensor:
 
 
 class LabelCoverage:
-    """How often the teachers call each label present on generated images, and their diversity."""
+    """How often the teachers call each label present on generated images, and their diversity. The
+    counts stay where the images are (no wait for a GPU per step) until :meth:`summary`, which in a
+    distributed run adds up every rank's images (each rank generates its own)."""
 
     def __init__(self, labels: Sequence[str]):
         self.labels = list(labels)
         self.reset()
 
     def reset(self) -> None:
-        self.present = torch.zeros(len(self.labels))
-        self.images, self.spread, self.batches = 0, 0.0, 0
+        self.present: torch.Tensor | float = 0.0  # per label, a tensor once a batch was added
+        self.spread: torch.Tensor | float = 0.0
+        self.images, self.batches = 0, 0
 
     def add(self, x: torch.Tensor, logits: torch.Tensor, tasks: Sequence[Task]) -> None:
-        self.present += presence(logits.detach(), tasks).sum(0).cpu()
+        self.present = self.present + presence(logits.detach(), tasks).float().sum(0)
         self.images += len(x)
-        self.spread += diversity(x.detach())
+        if len(x) >= 2:
+            self.spread = self.spread + pixel_distance(x.detach())
         self.batches += 1
 
-    def rates(self) -> dict[str, float]:
-        return {label: float(v) / max(1, self.images) for label, v in zip(self.labels, self.present)}
+    def totals(self, world: World = SINGLE) -> tuple[list[float], int, float, int]:
+        """Label counts, images, summed diversity and batches, over every rank of ``world``."""
+        local = torch.zeros(len(self.labels) + 3, dtype=torch.float64)
+        if isinstance(self.present, torch.Tensor):
+            local[:len(self.labels)] = self.present.detach().double().cpu()
+        local[-3:] = torch.tensor([self.images, float(self.spread), self.batches], dtype=torch.float64)
+        summed = world.sum(local).tolist()
+        return summed[:len(self.labels)], int(summed[-3]), summed[-2], int(summed[-1])
 
-    def summary(self, epoch: int) -> dict:
-        return {"epoch": epoch, "images": self.images, "rates": self.rates(),
-                "diversity": self.spread / max(1, self.batches)}
+    def rates(self, world: World = SINGLE) -> dict[str, float]:
+        present, images, _, _ = self.totals(world)
+        return {label: v / max(1, images) for label, v in zip(self.labels, present)}
+
+    def summary(self, epoch: int, world: World = SINGLE) -> dict:
+        present, images, spread, batches = self.totals(world)
+        return {"epoch": epoch, "images": images,
+                "rates": {label: v / max(1, images) for label, v in zip(self.labels, present)},
+                "diversity": spread / max(1, batches)}
 
 
 def diversity(x: torch.Tensor) -> float:
@@ -314,7 +331,12 @@ def diversity(x: torch.Tensor) -> float:
     independent unit-variance noise, 0 for a batch of one image repeated)."""
     if len(x) < 2:
         return 0.0
-    return float(((x - x.roll(1, 0)).float() ** 2).mean().sqrt())
+    return float(pixel_distance(x))
+
+
+def pixel_distance(x: torch.Tensor) -> torch.Tensor:
+    """:func:`diversity` as a 0-d tensor on ``x``'s device (``x``: at least 2 images)."""
+    return ((x - x.roll(1, 0)).float() ** 2).mean().sqrt()
 
 
 PAPER_FORM = {"balance": "entropy", "bn_prior": 0.0, "augment": False, "replay": 0, "adversarial": 0.0}
