@@ -1,9 +1,12 @@
-"""``kamal-studio [RECIPE] [--demo-dir DIR | --no-demo] [--version] [--self-test]``: the desktop app.
+"""``kamal-studio [RECIPE] [--demo-dir DIR | --no-demo] [--version] [--self-test]
+[--install-desktop-entry | --uninstall-desktop-entry]``: the desktop app.
 
 With no argument the app brings back the last session (its unsaved edits, else the recipe it had
 open); on the very first start it opens the demo workspace. ``--self-test`` opens the window
 offscreen with settings of its own (the user's are not touched), loads RECIPE or, if present, the
 demo workspace's recipe, and quits: 0 when all of it worked (a bundle's smoke test).
+``--install-desktop-entry`` puts this installation's app in the desktop's menu (``kamal_app.desktop``;
+``--uninstall-desktop-entry`` takes out exactly what it wrote).
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-demo", action="store_true", help="start empty: no demo on the first start, no last session")
     parser.add_argument("--self-test", action="store_true", help="open the window offscreen, load RECIPE (default: the "
                         "demo workspace's recipe, when it is built), quit; exit status 0 when it all worked")
+    parser.add_argument("--install-desktop-entry", action="store_true", help="add this kamal-studio to the desktop's "
+                        "menu under $XDG_DATA_HOME (default ~/.local/share) and quit")
+    parser.add_argument("--uninstall-desktop-entry", action="store_true", help="remove exactly the files "
+                        "--install-desktop-entry wrote, and quit")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"kamal-studio {__version__}")
@@ -41,6 +48,7 @@ def self_test(recipe: Path | None, demo_dir: Path | None) -> int:
     from .main_window import MainWindow, default_demo_dir
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
+    identify(app)
     if recipe is not None and not recipe.is_file():
         print(f"kamal-studio: self-test failed: {recipe} is not a file; give an existing recipe (.toml)", file=sys.stderr)
         return 1
@@ -80,23 +88,36 @@ def self_test(recipe: Path | None, demo_dir: Path | None) -> int:
     return 0 if ok else 1
 
 
+def identify(app) -> None:
+    """Name, version, icon and desktop id of the application (the window icon, the task bar, the menu entry)."""
+    from . import __version__
+    from .desktop import APP_ID, window_icon
+
+    app.setOrganizationName("KAmal Studio")
+    app.setApplicationName("kamal-studio")
+    app.setApplicationVersion(__version__)
+    app.setDesktopFileName(APP_ID)
+    app.setWindowIcon(window_icon())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import multiprocessing
 
     multiprocessing.freeze_support()  # the engine trains in a spawned child process (a frozen app re-enters here)
     args = build_parser().parse_args(argv)
+    if args.install_desktop_entry or args.uninstall_desktop_entry:
+        from .desktop import main as desktop_entry
+
+        return desktop_entry(["--uninstall"] if args.uninstall_desktop_entry else [])
     if args.self_test:
         return self_test(Path(args.recipe) if args.recipe else None, Path(args.demo_dir) if args.demo_dir else None)
     from PySide6.QtCore import QSettings, QTimer
     from PySide6.QtWidgets import QApplication
 
-    from . import __version__
     from .main_window import MainWindow
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
-    app.setOrganizationName("KAmal Studio")
-    app.setApplicationName("kamal-studio")
-    app.setApplicationVersion(__version__)
+    identify(app)
     settings = QSettings()
     window = MainWindow(settings)
     window.show()

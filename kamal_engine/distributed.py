@@ -42,6 +42,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -257,6 +258,14 @@ class Ranks:
 ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
+def worker_command(parent: int) -> list[str]:
+    """The command of a rank > 0: ``python -m kamal_engine.rank_worker PARENT``; in the bundle (no Python
+    there) its ``kamal`` program with the same words after it (``packaging/entry-kamal.py``)."""
+    if getattr(sys, "frozen", False):
+        return [str(Path(sys.executable).resolve().parent / "kamal"), "-m", "kamal_engine.rank_worker", str(parent)]
+    return [sys.executable, "-m", "kamal_engine.rank_worker", str(parent)]
+
+
 def start_ranks(nproc: int, payload: dict[str, Any], device_request: str) -> Ranks:
     """Start ranks 1..``nproc``-1 on this machine, each a worker process given ``payload`` (the recipe and
     the run's options) on its standard input, and make this process rank 0 of the group (its environment
@@ -273,8 +282,7 @@ def start_ranks(nproc: int, payload: dict[str, Any], device_request: str) -> Ran
     procs = []
     for rank in range(1, nproc):
         env = {**os.environ, **common, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        proc = subprocess.Popen([sys.executable, "-m", "kamal_engine.rank_worker", str(os.getpid())],
-                                stdin=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(worker_command(os.getpid()), stdin=subprocess.PIPE, env=env)
         proc.stdin.write(blob)
         proc.stdin.close()
         procs.append(proc)

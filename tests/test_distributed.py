@@ -54,10 +54,13 @@ def test_one_process_is_not_distributed_and_keeps_its_own_order():
 
 
 DAFL = {"id": "dafl", "epochs": 2, "iterations": 3, "batch_size": 8, "preview_every": 0}
+DUAL_GAN = {"generator_epochs": 1, "epochs_per_block": 1, "finetune_epochs": 1, "iterations": 3, "batch_size": 8,
+            "eval_batches": 1, "preview_every": 0, "adversarial": 0.5, "adversarial_warmup": 0}
 
 
 @pytest.mark.parametrize("recipe,method", [("filtered-ka", {**TINY}), ("filtered-ka", {"id": "kd", "epochs": 2, "batch_size": 32}),
-                                           ("dual-gan", DAFL)], ids=["filtered-ka", "kd", "dafl"])
+                                           ("dual-gan", DAFL), ("dual-gan", DUAL_GAN)],
+                         ids=["filtered-ka", "kd", "dafl", "dual-gan"])
 def test_a_gloo_group_wraps_the_trainable_parts_in_ddp_and_never_a_teacher(quick_demo, recipe_factory, tmp_path,
                                                                            monkeypatch, recipe, method):
     """A one-rank gloo group takes every distributed code path in this process."""
@@ -89,8 +92,12 @@ def test_a_gloo_group_wraps_the_trainable_parts_in_ddp_and_never_a_teacher(quick
         distributed.leave()
     # one DDP module per phase: filtered-ka's rounds of each block and its fine-tuning; kd's one training phase;
     # dafl's generator and student, each once
-    phases = {"kd": 1, "dafl": 2}.get(method.get("id"), None) or sum(
-        b["rounds"] for b in result.report["diagnosis"]["blocks"]) + 1
+    # dual-gan's generator (Step I, and the adversarial steps) and each block's phase and the fine-tuning
+    if recipe == "dual-gan" and "id" not in method:
+        phases = 2 + len(result.report["blocks"]) + 1
+    else:
+        phases = {"kd": 1, "dafl": 2}.get(method.get("id"), None) or sum(
+            b["rounds"] for b in result.report["diagnosis"]["blocks"]) + 1
     assert len(wrapped) == phases
     teacher_tensors = {id(t) for teacher in teachers for t in [*teacher.model.parameters(), *teacher.model.buffers()]}
     assert len(teachers) == 2 and teacher_tensors
@@ -163,13 +170,14 @@ def test_two_processes_killed_and_resumed_write_one_report_and_one_student_as_go
 
 @POSIX
 @pytest.mark.slow
+@pytest.mark.parametrize("method", [DAFL, DUAL_GAN], ids=["dafl", "dual-gan"])
 def test_two_processes_train_a_data_free_generator_each_rank_generating_its_own_share(quick_demo, recipe_factory,
-                                                                                      tmp_path):
-    """dafl with ``--nproc 2``: every step's batch is generated half on each rank (the coverage counts the
-    images of both), the generator and the student are reduced, rank 0 alone writes."""
+                                                                                      tmp_path, method):
+    """The data-free methods with ``--nproc 2``: every step's batch is generated half on each rank (the coverage
+    counts the images of both), the generator and the student are reduced, rank 0 alone writes."""
     root, _ = quick_demo
-    out = tmp_path / "dafl2"
-    path = recipe_factory(root / "recipes" / "dual-gan.toml", method=DAFL, run={"output_dir": out, "device": "cpu"},
+    out = tmp_path / "two"
+    path = recipe_factory(root / "recipes" / "dual-gan.toml", method=method, run={"output_dir": out, "device": "cpu"},
                           export={"onnx": None})
     proc = kamal_process("run", str(path), "--nproc", "2")
     stdout, stderr = proc.communicate(timeout=300)
@@ -177,19 +185,22 @@ def test_two_processes_train_a_data_free_generator_each_rank_generating_its_own_
     assert stdout.count("Outputs in") == 1
     report = json.loads((out / "report.json").read_text())
     generated = report["coverage"]["generated"]
-    assert [g["images"] for g in generated] == [3 * 8, 3 * 8]  # 2 ranks x 4 images x 3 steps per epoch
+    epochs = method.get("epochs", method.get("generator_epochs"))
+    assert [g["images"] for g in generated] == [3 * 8] * epochs  # 2 ranks x 4 images x 3 steps per epoch
     assert all(0.0 <= r <= 1.0 for g in generated for r in g["rates"].values())
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert [int(r.split(",")[0]) for r in rows[1:] if ",loss," in r] == list(range(1, 7))
+    steps = [int(r.split(",")[0]) for r in rows[1:] if ",loss," in r]
+    assert steps == list(range(1, len(steps) + 1)) and steps  # one writer: one row per step
     assert report["validation"]["student"]["mean_ap"] is not None
 
 
 def test_a_one_process_method_is_refused_before_any_process_starts(quick_demo, recipe_factory, tmp_path):
     root, _ = quick_demo
-    path = recipe_factory(root / "recipes" / "dual-gan.toml", run={"output_dir": tmp_path / "gan"})
-    with pytest.raises(KamalError, match="runs in one process only.*filtered-ka.*without --nproc"):
+    path = recipe_factory(root / "recipes" / "filtered-ka.toml", method={"id": "adaptive-ka"},
+                          run={"output_dir": tmp_path / "adaptive"})
+    with pytest.raises(KamalError, match="runs in one process only.*filtered-ka.*dual-gan.*without --nproc"):
         run_recipe(load_recipe(path), nproc=2)
-    assert not (tmp_path / "gan").exists()
+    assert not (tmp_path / "adaptive").exists()
 
 
 def test_the_recipe_keeps_nproc_and_refuses_a_bad_one(quick_demo, recipe_factory, tmp_path):

@@ -142,6 +142,10 @@ class DualGAN:
         self.pool = ReplayPool(p["replay"], self.device)
         self.coverage = LabelCoverage(selection.labels)
         self.covered: list[dict] = []  # one coverage summary per generator epoch
+        # a distributed run: G's (and its filters') gradients averaged over the ranks (DDP) in Step I and in
+        # the adversarial steps of the fine-tuning; the student's parts are wrapped by the phases themselves
+        self.gan_objective = ctx.world.objective([self.generator, self.group_filters], self.gan_loss)
+        self.adversarial_objective = ctx.world.objective([self.generator], self.adversarial_loss)
 
     def judge(self, n: int, boundary: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher n from ``boundary`` on: its selected logits and its features before the head."""
@@ -167,7 +171,10 @@ class DualGAN:
         return (torch.arange(self.p["batch_size"]) for _ in range(self.p["iterations"]))
 
     def noise(self, draw: torch.Generator) -> torch.Tensor:
-        return to_device(torch.randn(self.p["batch_size"], self.p["latent_dim"], generator=draw), self.device)
+        """A step's latent codes: ``batch_size`` of them, or this rank's share in a distributed run (each rank
+        draws its own: :meth:`RunContext.rank_draw`)."""
+        count = self.ctx.world.local_batch(self.p["batch_size"])
+        return to_device(torch.randn(count, self.p["latent_dim"], generator=draw), self.device)
 
     def gan_values(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The terms of Eq. 12 (and the batch-norm prior) on one generated batch; also ``"logits"``, the
@@ -187,20 +194,25 @@ class DualGAN:
             values["batch-norm"] = self.prior.value()
         return {**values, "logits": logits}
 
+    def gan_loss(self, z: torch.Tensor):
+        """Eq. 12 on the batch G makes from ``z``, and (the image, the teachers' logits, the terms)."""
+        with autocast(self.device, self.ctx.precision):
+            features = self.generator(z)
+            values = self.gan_values(features)
+            logits = values.pop("logits")
+            joint = total_loss(self.terms, values, self.p)
+        return joint, (features[-1].detach(), logits.detach(), {k: v.detach() for k, v in values.items()})
+
     def generator_step(self, loop: StepLoop, draw: torch.Generator) -> dict[str, float]:
         """Step I (Eq. 12): one Adam step of G and its filters against the fixed teachers."""
         p = self.p
-        with autocast(self.device, self.ctx.precision):
-            features = self.generator(self.noise(draw))
-            values = self.gan_values(features)
-            logits = values.pop("logits")
-            joint = total_loss(self.terms, values, p)
+        joint, (image, logits, values) = self.gan_objective(self.noise(draw))
         descend(joint, self.opt_g)
-        self.coverage.add(features[-1], logits, self.tasks)
+        self.coverage.add(image, logits, self.tasks)
         if p["preview_every"] and (loop.state.step + 1) % p["preview_every"] == 0:
-            self.ctx.emit(SamplesGenerated(loop.state.step + 1, self.view.preview(features[-1])))
-        return {"loss": joint.detach(), "generator:joint": joint.detach(),
-                **{f"generator:{k}": v.detach() for k, v in values.items()}}
+            self.ctx.emit(SamplesGenerated(loop.state.step + 1, self.view.preview(image)))
+        return self.ctx.world.average({"loss": joint.detach(), "generator:joint": joint.detach(),
+                                       **{f"generator:{k}": v for k, v in values.items()}})
 
     def train_generator(self, loop: StepLoop) -> dict[str, float]:
         """Step I, resumed after the last finished generator epoch; then G is fixed. Returns the last
@@ -218,9 +230,10 @@ class DualGAN:
         set_mode([self.generator, self.group_filters], [])
         means: dict[str, float] = {}
         for epoch in range(done + 1, p["generator_epochs"] + 1):
-            draw = ctx.draw(epoch)
+            draw = ctx.rank_draw(epoch)
             means = loop.run_epoch(self.batches(), lambda idx: self.generator_step(loop, draw), "generator", None, epoch)
-            summary = self.coverage.summary(epoch)
+            ctx.world.settle([self.generator, self.group_filters])  # rank 0's batch-norm statistics, as saved
+            summary = self.coverage.summary(epoch, ctx.world)  # every rank's images
             self.covered.append(summary)
             self.coverage.reset()
             ctx.emit(LabelsCovered("generator", epoch, summary["rates"], summary["diversity"]))
@@ -284,7 +297,7 @@ class DualGAN:
     def converged_losses(self, b: int, fb: dict[int, nn.Module]) -> dict[str, float]:
         """η^{b,m}: the block's final weights, eval mode, a fixed set of generated images, the image stream."""
         set_mode([], [self.paired.student.blocks[b - 1], *fb.values()])
-        eval_draw = self.ctx.draw(EVAL_PHASE)
+        eval_draw = self.ctx.rank_draw(EVAL_PHASE)  # a distributed run: each rank its own share, summed
         sums = torch.zeros(len(self.tasks))
         with torch.no_grad():
             for _ in range(self.p["eval_batches"]):
@@ -293,11 +306,13 @@ class DualGAN:
                 with autocast(self.device, self.ctx.precision):
                     sums += task_losses(self.dual_logits(b, fb, self.image_stream(b, features[-1])), target,
                                         self.tasks).cpu()
+        sums = self.ctx.world.sum(sums) / self.ctx.world.size  # the same on every rank: the same branch plan
         return {t.name: float(v) for t, v in zip(self.tasks, sums / self.p["eval_batches"])}
 
     def amalgamate_block(self, loop: StepLoop, b: int) -> tuple[dict[int, nn.Module], dict[str, float]]:
         """Block b of Step II with G fixed; returns its filters and converged losses."""
-        draw = self.ctx.seeded(BLOCK_PHASE + b)
+        self.ctx.seeded(BLOCK_PHASE + b)  # the filters' initial weights (the same on every rank)
+        draw = self.ctx.rank_draw(BLOCK_PHASE + b)
         fb = {n: build_filter(self.paired.specs[b - 1][n]).to(self.device) for n in self.active}
         train_block(self.ctx, loop, self.paired.student, b, fb.values(), epochs=self.p["epochs_per_block"], steps_per_epoch=self.p["iterations"],
                     batches=self.batches, loss=self.block_loss(b, fb, draw))
@@ -307,6 +322,8 @@ class DualGAN:
         """The TargetNet against the teachers on generated images (Algorithm 1 line 23); with
         ``adversarial``, after the warm-up each step first moves G towards images where they disagree."""
         steps = iter(range(10**12))
+        if self.ctx.world.distributed:  # each rank generates its own images
+            draw = self.ctx.rank_draw(FINETUNE_PHASE)
 
         def loss(idx: torch.Tensor):
             epoch = next(steps) // self.p["iterations"] + 1
@@ -326,16 +343,23 @@ class DualGAN:
         the TargetNet (in eval mode, not trained here) with the teachers on G's images."""
         self.generator.requires_grad_(True)
         net.eval()
-        with autocast(self.device, self.ctx.precision):
-            features = self.generator(self.noise(draw))
-            values = self.gan_values(features)
-            logits = values.pop("logits")
-            apart = disagreement(net(features[-1]), logits, self.tasks)
-            joint = total_loss(self.terms, values, self.p) - self.p["adversarial"] * apart
+        self.judged = net
+        joint, apart = self.adversarial_objective(self.noise(draw))
         descend(joint, self.opt_g)
         net.train()
         self.generator.requires_grad_(False)
-        return {"generator:adversarial": apart.detach(), "generator:joint": joint.detach()}
+        return {"generator:adversarial": apart, "generator:joint": joint.detach()}
+
+    def adversarial_loss(self, z: torch.Tensor):
+        """L_gan of G's batch from ``z`` minus ``adversarial`` × the judged TargetNet's disagreement with the
+        teachers on it (:meth:`adversarial_step` sets ``judged``), and the disagreement."""
+        with autocast(self.device, self.ctx.precision):
+            features = self.generator(z)
+            values = self.gan_values(features)
+            logits = values.pop("logits")
+            apart = disagreement(self.judged(features[-1]), logits, self.tasks)
+            joint = total_loss(self.terms, values, self.p) - self.p["adversarial"] * apart
+        return joint, apart.detach()
 
     def branch_plan(self, converged: dict[str, list[float]], means: dict[str, float], filters: dict
                     ) -> tuple[dict[str, int], dict]:
@@ -427,4 +451,5 @@ METHOD = MethodInfo(
     ),
     run=run,
     branches=True,
+    distributed=True,
 )
