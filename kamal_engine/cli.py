@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "is always refused")
     p.add_argument("--output", metavar="DIR", help="output folder (overrides [run].output_dir)")
     p.add_argument("--nproc", type=int, metavar="N", help="distributed data parallel on N processes of this machine "
-                   "(one GPU each on CUDA, gloo on the CPU; methods filtered-ka and kd); for several machines start it "
+                   "(one GPU each on CUDA, gloo on the CPU; every built-in method); for several machines start it "
                    "with torchrun instead (README, \"Several GPUs\"). Default: the recipe's [run] nproc, 1")
     p.add_argument("--json", action="store_true", help="print the report as JSON at the end (no progress output)")
     p.set_defaults(func=cmd_run)

@@ -19,9 +19,9 @@ What each rank does (:class:`World`):
   wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` for its steps
   (:meth:`World.objective`): the gradients are averaged across the ranks in the backward pass, and
   the buffers (batch-norm statistics) are rank 0's;
-* a data-free method (``dafl``) draws its latent codes per rank (:meth:`RunContext.rank_draw
+* a data-free method (``dafl``, ``dual-gan``) draws its latent codes per rank (:meth:`RunContext.rank_draw
   <kamal_engine.methods.common.RunContext.rank_draw>`), so each rank generates its own share of a
-  step's images; its generator and its student are each wrapped;
+  step's images; its generator is wrapped as the student's parts are;
 * the logged losses of every step are averaged (:meth:`World.average`), passes over the whole set
   (filtered-ka's converged losses) split by rank and summed (:meth:`World.share`, :meth:`World.sum`);
 * only rank 0 reads the checkpoint (``--resume``; the others get its state) and writes (checkpoints,
@@ -141,17 +141,19 @@ class World:
         """Where the collectives' tensors live: this rank's GPU with NCCL, the CPU with gloo."""
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
-    def objective(self, trainable: Sequence[nn.Module], loss: Callable):
+    def objective(self, trainable: Sequence[nn.Module], loss: Callable, find_unused: bool = False):
         """``loss(idx) -> (value, logged)`` as a step function whose backward pass averages the gradients of
         ``trainable``'s parameters over the ranks: the modules in one :class:`Objective` wrapped in
         ``DistributedDataParallel`` (rank 0's weights and buffers are broadcast to the others at the start).
-        One process: ``loss`` itself."""
+        ``find_unused``: some parameters may get no gradient in a step (DDP then looks for them after each
+        forward pass and reduces a zero gradient for them). One process: ``loss`` itself."""
         if not self.distributed:
             return loss
         module = Objective(trainable, loss)
         on_gpu = self.backend == "nccl"
         return DistributedDataParallel(module, device_ids=[self.local_rank] if on_gpu else None,
-                                       output_device=self.local_rank if on_gpu else None)  # buffers: rank 0's
+                                       output_device=self.local_rank if on_gpu else None,  # buffers: rank 0's
+                                       find_unused_parameters=find_unused)
 
     def settle(self, modules: Sequence[nn.Module]) -> None:
         """After a phase: every rank gets rank 0's weights and buffers of ``modules`` (batch-norm statistics

@@ -296,3 +296,58 @@ def test_methods_without_shared_labels_refuse_a_label_from_two_teachers(hetero_w
     recipe.params = {}
     with pytest.raises(KamalError, match="adaptive-ka"):
         run_recipe(recipe)
+
+
+def test_a_gloo_group_wraps_each_round_with_its_scale_and_never_a_source(hetero_workspace, recipe_factory, tmp_path,
+                                                                         monkeypatch):
+    """A one-rank gloo group takes every distributed code path of adaptive-ka in this process."""
+    import torch.distributed as dist
+
+    from kamal_engine import distributed
+    from kamal_engine.methods.adaptive_ka import LogitScale
+
+    wrapped = []
+
+    class Spy(distributed.DistributedDataParallel):
+        def __init__(self, module, *args, **kwargs):
+            wrapped.append((module, all(p.requires_grad for p in module.parameters())))  # as it is wrapped
+            super().__init__(module, *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "DistributedDataParallel", Spy)
+    recipe = _recipe(recipe_factory, hetero_workspace)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{distributed.free_port()}", rank=0, world_size=1)
+    try:
+        result = run_recipe(recipe)
+    finally:
+        distributed.leave()
+    assert len(wrapped) == 3 + 1  # a component round per label, then the target round
+    for module, trainable in wrapped:
+        scales = [m for m in module.modules() if isinstance(m, LogitScale)]
+        assert len(scales) == 1  # λ is reduced with the student and its bridges
+        assert trainable  # no frozen source inside
+    assert result.report["validation"]["student"]["mean_ap"] is not None
+    assert set(result.report["components"]) == {"zero", "three", "five"}
+
+
+@pytest.mark.slow
+def test_two_processes_run_adaptive_ka_as_well_as_one(hetero_workspace, two_stage_run, recipe_factory, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    path = recipe_factory(hetero_workspace / "recipes" / "adaptive-ka.toml",
+                          method={"component_epochs": 1, "target_epochs": 1},
+                          student={"arch_kwargs": {"width": 8, "depth": [1, 1, 1, 1]}}, run={"output_dir": out},
+                          export={"onnx": None})
+    proc = subprocess.run([sys.executable, "-m", "kamal_engine.cli", "run", str(path), "--nproc", "2"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Outputs in") == 1
+    report = json.loads((out / "report.json").read_text())
+    one = two_stage_run[0].report["validation"]["student"]["mean_ap"]
+    two = report["validation"]["student"]["mean_ap"]
+    print(f"adaptive-ka student mAP: one process {one:.4f}, two processes {two:.4f}")
+    assert abs(two - one) < 0.03
+    assert sorted(p.name for p in (out / "components").iterdir()) == ["five.kamal.pt", "three.kamal.pt", "zero.kamal.pt"]

@@ -94,6 +94,19 @@ def test_a_method_registered_from_outside_the_package_runs_through_kamal_run(qui
     assert "Finished in" in printed.out + printed.err
 
 
+def test_a_method_that_does_not_say_distributed_is_refused_with_nproc_before_any_process_starts(
+        quick_demo, registered, tmp_path):
+    from kamal_engine.errors import KamalError
+    from kamal_engine.runner import run_recipe
+
+    root, _ = quick_demo
+    recipe = dataclasses.replace(load_recipe(root / "recipes" / "filtered-ka.toml"), method=registered, params={},
+                                 output_dir=tmp_path / "run", onnx=None)
+    with pytest.raises(KamalError, match="'tiny-blockwise' runs in one process only.*filtered-ka.*without --nproc"):
+        run_recipe(recipe, nproc=2)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_taken_method_id_is_refused():
     with pytest.raises(Exception, match="is taken"):
         methods.register("filtered-ka", __name__)

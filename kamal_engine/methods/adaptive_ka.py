@@ -64,7 +64,7 @@ from ..teacher import Teacher
 from ..training import StepLoop, autocast, set_mode, to_device
 from . import MethodInfo, MethodResult, Param
 from .bridge import TransferBridge, paired_block
-from .common import RunContext, sgd_params, steps_per_epoch, whole_net
+from .common import RunContext, sgd_params, whole_net
 from .phases import Phase, sgd_epochs
 
 
@@ -248,7 +248,7 @@ def train_round(ctx: RunContext, loop: StepLoop, phase: int, stage: str, model: 
     """One round (Eq. 8) of ``model`` for ``epochs`` epochs, resumed from a checkpoint of this phase;
     the round's ``selection_share`` says how often each teacher was selected in the last epoch."""
     p, device, images = ctx.params, ctx.device, ctx.images
-    spe = steps_per_epoch(len(images), p["batch_size"])
+    spe = images.steps_per_epoch(p["batch_size"])  # a distributed run: this rank's steps
     ctx.seeded(phase)  # the bridges' initial weights
     model.to(device)
     round_ = AmalgamationRound(split_model(model, ctx.student_arch, p["granularity"]), ctx.student_preprocessing,
@@ -271,7 +271,10 @@ def train_round(ctx: RunContext, loop: StepLoop, phase: int, stage: str, model: 
         totals = weights.sum(0)
         share.add_(totals)
         out = {k: terms[k].detach() for k in ("loss", "soft", "transfer", "reg")}
-        per_teacher = (weights * terms["per_sample"].detach().float()[:, None]).sum(0) / totals.clamp_min(1e-12)
+        weighted = (weights * terms["per_sample"].detach().float()[:, None]).sum(0)
+        if ctx.world.distributed:  # every rank logs the same keys: the teachers the whole step's batch selected
+            weighted, totals = ctx.world.sum(torch.stack([weighted, totals])).to(device)
+        per_teacher = weighted / totals.clamp_min(1e-12)
         selected = totals.gt(0).tolist()  # this method's one wait per step: which teachers the batch selected
         for t, src in enumerate(sources):  # a teacher no image of the batch selected: not logged this step
             if selected[t]:
@@ -280,17 +283,18 @@ def train_round(ctx: RunContext, loop: StepLoop, phase: int, stage: str, model: 
 
     def checkpoint(epoch: int, state: dict) -> None:
         ctx.save(loop, components=components, current={"phase": phase, **state, "model": model.state_dict(),
-                                                        "round": round_.state_dict(), "share": share.tolist()})
+                                                        "round": round_.state_dict(),
+                                                        "share": ctx.world.sum(share).tolist()})
 
     block, block_name, blocks = title
     trainable = list(model.parameters()) + list(round_.bridges.parameters())
     parameters = [{"params": trainable}, {"params": [round_.scale.raw], "weight_decay": 0.0}]  # λ not decayed
     phase_ = Phase(stage, [model, round_.bridges], [s.net for s in sources], p["lr"], epochs, spe, block, block_name,
-                   blocks, parameters=parameters)
+                   blocks, parameters=parameters, extra=[round_.scale], unused=True)
     sgd_epochs(ctx, loop, phase_, batches, loss, resume=resume, after_epoch=checkpoint)
     model.eval()
     round_.eval()
-    last = current["share"] if resume and resume["epochs_done"] >= epochs else share.tolist()
+    last = current["share"] if resume and resume["epochs_done"] >= epochs else ctx.world.sum(share).tolist()
     round_.selection_share = {s.name: v / max(1e-9, sum(last)) for s, v in zip(sources, last)}
     return round_
 
@@ -330,7 +334,7 @@ def component_net(ctx: RunContext, loop: StepLoop, i: int, components: dict[str,
         ctx.save(loop, components=components, current=None)
     entry["selection_share"] = components[task.name]["share"]
     entry["scales"] = components[task.name]["scales"]
-    if ctx.output_dir is not None:
+    if ctx.output_dir is not None and ctx.world.main:  # a distributed run: rank 0 writes
         path = ctx.output_dir / "components" / f"{slug(task.name)}.kamal.pt"
         Teacher(f"component-{slug(task.name)}", ctx.student_arch, list(task.labels), task.kind,
                 ctx.student_preprocessing, model, arch_kwargs=kwargs).save(path)
@@ -345,7 +349,7 @@ def run(ctx: RunContext) -> MethodResult:
     """Two-stage: a component net per task, then the target net from them; one-shot: the target net from
     the teachers."""
     p, selection, tasks = ctx.params, ctx.selection, ctx.selection.tasks
-    spe = steps_per_epoch(len(ctx.images), p["batch_size"])
+    spe = ctx.images.steps_per_epoch(p["batch_size"])  # a distributed run: this rank's steps
     two_stage = p["variant"] == "two-stage"
     for t in selection.teachers:
         t.model.to(ctx.device)
@@ -399,5 +403,6 @@ METHOD = MethodInfo(
     ),
     run=run,
     shared_labels=True,
+    distributed=True,
     soft_targets=False,
 )

@@ -28,7 +28,11 @@ Loss = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]  # batc
 class Phase:
     """What one phase trains: its stage (and block) in the events, the modules trained (train mode,
     gradients) and frozen (eval mode, none), the base rate and the epochs; ``parameters`` are the
-    optimiser's parameters or parameter groups when not simply all of ``trainable``'s."""
+    optimiser's parameters or parameter groups when not simply all of ``trainable``'s; ``extra`` are
+    modules among those parameters whose mode and gradients are their own (adaptive-ka's λ, fixed
+    with ``scale = "off"``): left as they are, but reduced with ``trainable`` in a distributed run;
+    ``unused``: a step may leave some parameters without a gradient (adaptive-ka's bridge of a teacher
+    no image of the batch selected), which DDP must then look for."""
 
     stage: str
     trainable: Sequence[nn.Module]
@@ -41,6 +45,8 @@ class Phase:
     blocks: int | None = None
     epoch_offset: int = 0  # epochs are numbered from epoch_offset + 1 in the events and metrics
     parameters: list | None = None
+    extra: Sequence[nn.Module] = ()
+    unused: bool = False
 
 
 def sgd_epochs(ctx: RunContext, loop: StepLoop, phase: Phase, batches: Callable[[int], Iterable[torch.Tensor]],
@@ -63,7 +69,7 @@ def sgd_epochs(ctx: RunContext, loop: StepLoop, phase: Phase, batches: Callable[
 
     label = phase.stage if phase.name is None else f"{phase.stage} {phase.name}"
     profile, world = ctx.profile, ctx.world
-    objective = world.objective(phase.trainable, loss)  # distributed: gradients averaged over the ranks (DDP)
+    objective = world.objective([*phase.trainable, *phase.extra], loss, phase.unused)  # distributed: DDP
 
     def step(idx: torch.Tensor) -> dict[str, float]:
         with profile.part(f"{label} forward", len(idx)):
