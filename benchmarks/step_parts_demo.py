@@ -1,7 +1,7 @@
 """A filtered-ka step against the sum of its irreducible parts, per block, on the demo (README "Measured").
 
     python benchmarks/step_parts_demo.py [--workspace DIR] [--batch N] [--memory-format contiguous|channels_last]
-                                         [--precision auto|fp32|bf16] [--rounds R]
+                                         [--precision auto|fp32|bf16] [--rounds R] [--ops]
 
 For student block k (the demo's teachers and a student started from teacher 1, batch 16, 56 px, CPU):
 the time of the engine's training step (``FilteredKA.block_loss`` with the prefix cache, then the backward
@@ -11,7 +11,9 @@ backward, and each teacher's remaining blocks forward with the gradient to their
 overhead (loss, bookkeeping, the update). Every part runs under the step's precision (``--precision``, as
 ``[run] precision``: ``auto`` is bf16 autocast on a CPU with native bf16). Best of 3 timings of 20 steps
 each, in ``--rounds`` interleaved rounds (default 5) of which each part's least time counts (on a shared
-machine, noise only ever adds time). Writes ``benchmarks/results/step_parts_demo_<layout>[_<precision>].json`` and ``.md``.
+machine, noise only ever adds time). ``--ops`` also runs the step and the parts under torch's profiler
+and lists, per block, their operators' total self time and the operators the step runs beyond the
+parts (what the rest of the step is: the update, gathers, the loss). Writes ``benchmarks/results/step_parts_demo_<layout>[_<precision>].json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,28 @@ def best_ms(fn, steps: int = 20, repeat: int = 3) -> float:
     return best * 1000
 
 
+def operator_times(step, parts, steps: int = 40, top: int = 6) -> dict:
+    """Self CPU time per step of every operator of ``step`` and of ``parts`` (run one after the other),
+    under torch's profiler: the totals and the ``top`` operators the step spends the most time on beyond
+    the parts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def per_op(fns) -> dict[str, float]:
+        for fn in fns:
+            fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                for fn in fns:
+                    fn()
+        return {e.key: e.self_cpu_time_total / steps for e in prof.key_averages()}
+
+    a, b = per_op([step]), per_op(parts)
+    extra = sorted(((a[k] - b.get(k, 0.0), k) for k in a), reverse=True)[:top]
+    return {"step_us": round(sum(a.values()), 1), "parts_us": round(sum(b.values()), 1),
+            "extra": [(k.replace("Optimizer.step#", "").replace("Optimizer.zero_grad#", ""), round(d, 1))
+                      for d, k in extra if d > 0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", default="demo-workspace")
@@ -56,6 +80,7 @@ def main() -> None:
     parser.add_argument("--memory-format", default="contiguous", choices=layout.LAYOUTS)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each time is the least of them")
+    parser.add_argument("--ops", action="store_true", help="also compare the operators of the step and of its parts")
     args = parser.parse_args()
     precision = effective_precision(torch.device("cpu"), args.precision)
     workspace = Path(args.workspace).resolve()
@@ -131,6 +156,8 @@ def main() -> None:
                      **{f"{name}_ms": round(v, 2) for name, v in parts.items()},
                      "irreducible_ms": round(sum(parts.values()), 2),
                      "ratio": round(total / sum(parts.values()), 3)})
+        if args.ops:
+            rows[-1]["ops"] = operator_times(step, [block_part, filter_part, teacher_part])
         print(rows[-1], flush=True)
     lines = [f"Made by `python benchmarks/step_parts_demo.py --memory-format {args.memory_format} --precision "
              f"{args.precision}` (batch {args.batch}, CPU, {torch.get_num_threads()} threads, {precision}).", "",
@@ -139,6 +166,16 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['block']} | {r['step_ms']:.2f} ms | {r['block_ms']:.2f} | {r['filters_ms']:.2f} | "
                      f"{r['teachers_ms']:.2f} | {r['irreducible_ms']:.2f} | **{r['ratio']:.2f}** |")
+    if args.ops:
+        lines += ["", "Operators under torch's profiler (self CPU time per step, 40 steps): the step's against its parts', "
+                  "and the operators the step spends more on than the parts do.", "",
+                  "| block | step's operators | parts' operators | ratio | beyond the parts (us per step) |",
+                  "|---|---|---|---|---|"]
+        for r in rows:
+            o = r["ops"]
+            extra = ", ".join(f"{name} {us:.0f}" for name, us in o["extra"])
+            lines.append(f"| {r['block']} | {o['step_us']:.0f} us | {o['parts_us']:.0f} us | "
+                         f"{o['step_us'] / o['parts_us']:.2f} | {extra} |")
     suffix = "" if args.precision == "fp32" else f"_{args.precision}"  # fp32: the files of earlier runs
     out = Path(__file__).parent / "results" / f"step_parts_demo_{args.memory_format}{suffix}"
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")

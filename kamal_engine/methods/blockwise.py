@@ -67,8 +67,16 @@ class PairedBlocks:
     def through_teachers(self, k: int, feature: torch.Tensor, filters: dict[int, torch.nn.Module]) -> torch.Tensor:
         """Eq. 6: the student's block-k ``feature`` through every active teacher n's filter f_k^n and its
         blocks after k and head; the selected outputs side by side, in task order."""
-        return torch.cat([self.teachers[n].forward_from(k, filters[n](feature))[:, self.outputs[n]]
+        return torch.cat([self.teachers[n].forward_from(k, filters[n](feature))[:, columns(self.outputs[n])]
                           for n in self.active], 1)
+
+
+def columns(outputs: list[int]) -> slice | list[int]:
+    """``outputs`` as an index of the columns: a slice when they are consecutive (a view, no gather and no
+    scatter in the backward pass, e.g. every output of a teacher), else the list."""
+    if outputs and outputs == list(range(outputs[0], outputs[0] + len(outputs))):
+        return slice(outputs[0], outputs[0] + len(outputs))
+    return outputs
 
 
 def pair_blocks(ctx: RunContext, granularity: str, reduction: int) -> PairedBlocks:

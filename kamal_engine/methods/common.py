@@ -102,10 +102,15 @@ class RunContext:
         """Soft targets of every selected output, in the student's label order, for images ``idx``."""
         return to_device(torch.cat([t[idx] for t in self.targets], 1), self.device)
 
-    def sgd(self, parameters, lr: float) -> torch.optim.Optimizer:
+    def sgd(self, parameters, lr: float, fused: bool = True) -> torch.optim.Optimizer:
+        """SGD with the run's momentum and weight decay: the fused kernel (one pass over each tensor; 3x
+        faster than foreach on the CPU) unless ``fused`` is False — a parameter whose momentum exists but
+        that got no gradient this step makes it fail (adaptive-ka's bridges): then one kernel per operation
+        for all tensors (foreach; torch's CPU default is a loop)."""
         p = self.params
+        fused = fused and self.device.type in ("cpu", "cuda")
         return torch.optim.SGD(parameters, lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"],
-                               foreach=True)  # one kernel per operation for all tensors (torch's CPU default: a loop)
+                               **({"fused": True} if fused else {"foreach": True}))
 
     def batch_losses(self, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
                      images: bool = True) -> torch.Tensor:

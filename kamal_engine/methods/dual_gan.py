@@ -79,7 +79,7 @@ from ..filters import build_filter
 from ..targetnet import TargetNet
 from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities, to_device
 from . import MethodInfo, MethodResult, Param
-from .blockwise import check_budget, pair_blocks, plan_branches, plan_params, regroup, resume_blocks, save_block
+from .blockwise import check_budget, columns, pair_blocks, plan_branches, plan_params, regroup, resume_blocks, save_block
 from .common import RunContext, Term, descend, describe_terms, loss_dict, sgd_params, total_loss
 from .datafree import (INGREDIENTS, BatchNormPrior, LabelCoverage, ReplayPool, activation_loss, balance_loss,
                        datafree_params, disagreement, discrete_loss, effective_params, one_hot_loss, recording,
@@ -151,7 +151,7 @@ class DualGAN:
         """Teacher n from ``boundary`` on: its selected logits and its features before the head."""
         for block in list(self.paired.teachers[n].blocks)[boundary:]:
             x = block(x)
-        return self.paired.teachers[n].head(x)[:, self.outputs_of[n]], x
+        return self.paired.teachers[n].head(x)[:, columns(self.outputs_of[n])], x
 
     def discriminate(self, j: int, feature: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``O_gan(F^j)`` (Eq. 10-11): every teacher on group j's output, through the filter f^j_m."""

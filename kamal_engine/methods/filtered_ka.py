@@ -59,8 +59,8 @@ from ..targetnet import TargetNet
 from ..training import (AUGMENTATIONS, StepLoop, autocast, consistent_views, set_mode, task_losses, task_probabilities,
                         to_device)
 from . import MethodInfo, MethodResult, Param
-from .blockwise import (PairedBlocks, check_budget, pair_blocks, plan_branches, plan_params, regroup, resume_blocks,
-                        save_block)
+from .blockwise import (PairedBlocks, check_budget, columns, pair_blocks, plan_branches, plan_params, regroup,
+                        resume_blocks, save_block)
 from .common import RunContext, loss_dict, sgd_params
 from .phases import Loss, train_block
 
@@ -163,7 +163,7 @@ class FilteredKA:
                 if j == k:
                     features[n] = f
             if need_targets:
-                probs.append(task_probabilities(net.head(f)[:, self.outputs_of[n]], self.tasks_of[n]))
+                probs.append(task_probabilities(net.head(f)[:, columns(self.outputs_of[n])], self.tasks_of[n]))
         return (torch.cat(probs, 1) if need_targets else None), features
 
     def student_feature(self, k: int, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,7 +243,7 @@ class FilteredKA:
                     targets, teacher_f = self.teacher_views(x, k)
                 feature = self.student_feature(k, x)
                 filtered = {n: fk[n](feature) for n in self.active}
-                logits = torch.cat([self.paired.teachers[n].forward_from(k, filtered[n])[:, self.outputs_of[n]]
+                logits = torch.cat([self.paired.teachers[n].forward_from(k, filtered[n])[:, columns(self.outputs_of[n])]
                                     for n in self.active], 1)
             per_task = task_losses(logits, targets, self.selection.tasks)
             total = per_task.sum() / len(self.selection.tasks)

@@ -60,7 +60,8 @@ def sgd_epochs(ctx: RunContext, loop: StepLoop, phase: Phase, batches: Callable[
     total = phase.epochs * phase.steps_per_epoch
     ctx.emit(StageStarted(phase.stage, phase.block, phase.name, phase.blocks, phase.epochs, total))
     set_mode(phase.trainable, phase.frozen)
-    optimizer = ctx.sgd(phase.parameters or [q for m in phase.trainable for q in m.parameters()], phase.lr)
+    optimizer = ctx.sgd(phase.parameters or [q for m in phase.trainable for q in m.parameters()], phase.lr,
+                        fused=not phase.unused)
     schedule = poly_schedule(optimizer, total, ctx.params["poly_power"])
     done = (resume or {}).get("epochs_done", 0)
     if done:
