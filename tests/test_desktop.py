@@ -186,3 +186,19 @@ def test_the_packaging_scripts_run_on_their_own(tmp_path):
     out = subprocess.run([str(PACKAGING / "install-desktop-entry"), "--uninstall"], capture_output=True, text=True,
                          env=env)
     assert out.returncode == 0 and not (tmp_path / "share" / "applications").exists(), out.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the bundle is built on Linux")
+def test_build_bundle_never_replaces_an_archive_it_did_not_write(tmp_path):
+    import shutil
+
+    repo = tmp_path / "checkout"  # a copy: the script works in the checkout it is in
+    (repo / "packaging").mkdir(parents=True)
+    shutil.copy(PACKAGING / "build-bundle", repo / "packaging")
+    shutil.copy(PACKAGING.parent / "pyproject.toml", repo)
+    theirs = repo / "dist" / f"KAmalStudio-{__version__}-linux-x86_64.tar.gz"
+    theirs.parent.mkdir()
+    theirs.write_bytes(b"someone's own archive")
+    out = subprocess.run([str(repo / "packaging" / "build-bundle")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "was not written by build-bundle" in out.stderr and theirs.name in out.stderr
+    assert theirs.read_bytes() == b"someone's own archive" and not (repo / "build").exists()
