@@ -87,3 +87,36 @@ def test_to_device_goes_through_pinned_memory_without_waiting_on_a_gpu(monkeypat
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append((str(a[0]), k)) or self)
     training.to_device(batch, torch.device("cuda", 0))
     assert calls == ["pin", ("cuda:0", {"non_blocking": True})]
+
+
+def test_a_run_reporting_every_fifth_step_writes_the_same_metrics_and_student(quick_demo, recipe_factory, tmp_path,
+                                                                             monkeypatch):
+    """What a GPU run does (values brought back 16 steps at a time), through a real method on the CPU."""
+    from kamal_engine.methods.common import RunContext
+    from kamal_engine.recipe import load_recipe
+    from kamal_engine.runner import run_recipe
+
+    root, _ = quick_demo
+    real, transfers = RunContext.loop, []
+    real_host_values = training.host_values
+    monkeypatch.setattr(training, "host_values", lambda steps: transfers.append(len(steps)) or real_host_values(steps))
+    results, calls = {}, {}
+    for sync_every in (1, 5):
+        transfers.clear()
+        def loop(self, total_steps, sync_every=sync_every):
+            made = real(self, total_steps)
+            made.sync_every = sync_every
+            return made
+
+        monkeypatch.setattr(RunContext, "loop", loop)
+        out = tmp_path / f"sync{sync_every}"
+        path = recipe_factory(root / "recipes" / "filtered-ka.toml", run={"output_dir": out, "device": "cpu"},
+                              method={"epochs_per_block": 1, "finetune_epochs": 1, "batch_size": 32},
+                              export={"onnx": None})
+        result = run_recipe(load_recipe(path))
+        rows = [(r["step"], r["stage"], r["block"], r["name"], r["value"]) for r in MetricsLog.read(out / "metrics.csv")]
+        results[sync_every] = (rows, result.report["branch_points"], result.report["validation"]["student"]["mean_ap"])
+        calls[sync_every] = list(transfers)
+    assert results[1][0] and results[1] == results[5]
+    assert set(calls[1]) == {1} and max(calls[5]) == 5 and len(calls[5]) < len(calls[1]) / 3
+    assert sum(calls[1]) == sum(calls[5])  # every step reported, fewer transfers
