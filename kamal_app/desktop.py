@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,16 +162,21 @@ def install(executable: Path | None = None, home: Path | None = None) -> list[Pa
                                     "move it away, then install again")
     written = {}
     for f in files:
-        target = home / f.relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".kamal-tmp")
-        tmp.write_bytes(f.data)
-        os.replace(tmp, target)
+        _write(home / f.relative, f.data)  # the target is absent or this program's own (checked above)
         written[str(f.relative)] = _sha256(f.data)
-    manifest = home / MANIFEST
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"app_id": APP_ID, "executable": str(executable), "files": written}, indent=2) + "\n")
-    return [home / p for p in written] + [manifest]
+    record = {"app_id": APP_ID, "executable": str(executable), "files": written}
+    _write(home / MANIFEST, (json.dumps(record, indent=2) + "\n").encode())
+    return [home / p for p in written] + [home / MANIFEST]
+
+
+def _write(target: Path, data: bytes) -> None:
+    """``target`` holding ``data``, whole or not at all: written to a new temporary file of its own beside
+    it, then moved over it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with os.fdopen(handle, "wb") as out:
+        out.write(data)
+    os.replace(tmp, target)
 
 
 def uninstall(home: Path | None = None) -> tuple[list[Path], list[Path]]:

@@ -22,7 +22,7 @@ from ..profile import count_parameters
 from ..targetnet import Branch, BranchSpec, TargetNet, TaskGroup
 from ..training import StepLoop
 from . import Param
-from .common import RunContext
+from .common import RunContext, columns
 from .phases import Loss, finetune
 
 
@@ -69,14 +69,6 @@ class PairedBlocks:
         blocks after k and head; the selected outputs side by side, in task order."""
         return torch.cat([self.teachers[n].forward_from(k, filters[n](feature))[:, columns(self.outputs[n])]
                           for n in self.active], 1)
-
-
-def columns(outputs: list[int]) -> slice | list[int]:
-    """``outputs`` as an index of the columns: a slice when they are consecutive (a view, no gather and no
-    scatter in the backward pass, e.g. every output of a teacher), else the list."""
-    if outputs and outputs == list(range(outputs[0], outputs[0] + len(outputs))):
-        return slice(outputs[0], outputs[0] + len(outputs))
-    return outputs
 
 
 def pair_blocks(ctx: RunContext, granularity: str, reduction: int) -> PairedBlocks:

@@ -193,6 +193,14 @@ def sgd_params(*, batch_size: int, weight_decay: float, batch_help: str = "image
     )
 
 
+def columns(outputs: list[int]) -> slice | list[int]:
+    """``outputs`` as an index of the columns: a slice when they are consecutive (a view, no gather and no
+    scatter in the backward pass, e.g. every output of a teacher), else the list."""
+    if outputs and outputs == list(range(outputs[0], outputs[0] + len(outputs))):
+        return slice(outputs[0], outputs[0] + len(outputs))
+    return outputs
+
+
 def loss_dict(loss: torch.Tensor, per_task: torch.Tensor, selection: TaskSelection) -> dict[str, torch.Tensor]:
     """``{"loss", "teacher:<name>" (mean over its tasks), "task:<name>"}`` for metrics and events, as
     0-d tensors where they were computed (the step loop brings them to the host: ``StepLoop``)."""
@@ -201,8 +209,7 @@ def loss_dict(loss: torch.Tensor, per_task: torch.Tensor, selection: TaskSelecti
     for n, teacher in enumerate(selection.teachers):
         idx = [i for i, t in enumerate(selection.tasks) if t.teacher == n]
         if idx:
-            out[f"teacher:{teacher.name}"] = per_task[idx[0]:idx[-1] + 1].mean() if idx == list(
-                range(idx[0], idx[-1] + 1)) else per_task[idx].mean()
+            out[f"teacher:{teacher.name}"] = per_task[columns(idx)].mean()
     out.update({f"task:{t.name}": per_task[i] for i, t in enumerate(selection.tasks)})
     return out
 

@@ -316,8 +316,7 @@ class LabelCoverage:
         return summed[:len(self.labels)], int(summed[-3]), summed[-2], int(summed[-1])
 
     def rates(self, world: World = SINGLE) -> dict[str, float]:
-        present, images, _, _ = self.totals(world)
-        return {label: v / max(1, images) for label, v in zip(self.labels, present)}
+        return self.summary(0, world)["rates"]
 
     def summary(self, epoch: int, world: World = SINGLE) -> dict:
         present, images, spread, batches = self.totals(world)

@@ -79,8 +79,8 @@ from ..filters import build_filter
 from ..targetnet import TargetNet
 from ..training import StepLoop, autocast, set_mode, task_losses, task_probabilities, to_device
 from . import MethodInfo, MethodResult, Param
-from .blockwise import check_budget, columns, pair_blocks, plan_branches, plan_params, regroup, resume_blocks, save_block
-from .common import RunContext, Term, descend, describe_terms, loss_dict, sgd_params, total_loss
+from .blockwise import check_budget, pair_blocks, plan_branches, plan_params, regroup, resume_blocks, save_block
+from .common import RunContext, Term, columns, descend, describe_terms, loss_dict, sgd_params, total_loss
 from .datafree import (INGREDIENTS, BatchNormPrior, LabelCoverage, ReplayPool, activation_loss, balance_loss,
                        datafree_params, disagreement, discrete_loss, effective_params, one_hot_loss, recording,
                        student_batch)
@@ -343,21 +343,21 @@ class DualGAN:
         the TargetNet (in eval mode, not trained here) with the teachers on G's images."""
         self.generator.requires_grad_(True)
         net.eval()
-        self.judged = net
-        joint, apart = self.adversarial_objective(self.noise(draw))
+        joint, apart = self.adversarial_objective((self.noise(draw), net))
         descend(joint, self.opt_g)
         net.train()
         self.generator.requires_grad_(False)
         return {"generator:adversarial": apart, "generator:joint": joint.detach()}
 
-    def adversarial_loss(self, z: torch.Tensor):
-        """L_gan of G's batch from ``z`` minus ``adversarial`` × the judged TargetNet's disagreement with the
-        teachers on it (:meth:`adversarial_step` sets ``judged``), and the disagreement."""
+    def adversarial_loss(self, batch: tuple[torch.Tensor, nn.Module]):
+        """L_gan of G's batch from the codes ``z`` minus ``adversarial`` × the disagreement of the TargetNet
+        ``net`` (judged, not trained) with the teachers on it, and the disagreement; ``batch`` is ``(z, net)``."""
+        z, net = batch
         with autocast(self.device, self.ctx.precision):
             features = self.generator(z)
             values = self.gan_values(features)
             logits = values.pop("logits")
-            apart = disagreement(self.judged(features[-1]), logits, self.tasks)
+            apart = disagreement(net(features[-1]), logits, self.tasks)
             joint = total_loss(self.terms, values, self.p) - self.p["adversarial"] * apart
         return joint, apart.detach()
 

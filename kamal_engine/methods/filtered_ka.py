@@ -59,9 +59,9 @@ from ..targetnet import TargetNet
 from ..training import (AUGMENTATIONS, StepLoop, autocast, consistent_views, set_mode, task_losses, task_probabilities,
                         to_device)
 from . import MethodInfo, MethodResult, Param
-from .blockwise import (PairedBlocks, check_budget, columns, pair_blocks, plan_branches, plan_params, regroup,
+from .blockwise import (PairedBlocks, check_budget, pair_blocks, plan_branches, plan_params, regroup,
                         resume_blocks, save_block)
-from .common import RunContext, loss_dict, sgd_params
+from .common import RunContext, columns, loss_dict, sgd_params
 from .phases import Loss, train_block
 
 
